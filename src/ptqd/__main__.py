@@ -1,0 +1,5 @@
+import sys
+
+from ptqd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""Sample-quality metrics of a set of generated digits against reference statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ptqd.errors import PtqdError
+from ptqd.metrics.classifier import classifier_fingerprint, extract_features, load_classifier
+from ptqd.metrics.frechet import feature_stats, frechet_distance
+from ptqd.metrics.quality import inception_score, label_accuracy, precision_recall
+from ptqd.metrics.reference import Reference, load_reference
+
+METRIC_KEYS = ("fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples")
+
+
+def evaluate(
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    reference: str | Path | Reference = "digits16",
+) -> dict[str, Any]:
+    """Metrics of uint8 images (N, 16, 16, 1), optionally generated for class ``labels``.
+
+    Keys: ``fd`` (Frechet distance of the classifier's 64-d features), ``sfd`` (the same on an early
+    8x8 feature map), ``is`` (Inception Score from the classifier's probabilities; ``is_std`` over 10
+    splits), ``precision``/``recall`` (k=3 manifolds), ``accuracy`` (share classified as the requested
+    label; None without labels), ``num_samples``, ``reference``.
+    """
+    if images.ndim != 4 or images.shape[1:] != (16, 16, 1):
+        raise PtqdError(
+            f"the bundled digit metrics need 16x16 grayscale images (N, 16, 16, 1), got {images.shape}; "
+            "use a reference and feature network made for your images"
+        )
+    if len(images) < 10:
+        raise PtqdError(f"need at least 10 images to estimate the metrics, got {len(images)}")
+    ref = reference if isinstance(reference, Reference) else load_reference(reference)
+    model = load_classifier()
+    fp = classifier_fingerprint(model)
+    if ref.classifier != fp:
+        raise PtqdError(
+            f"reference {ref.name!r} was made with classifier {ref.classifier}, but the bundled classifier is {fp}; "
+            "rebuild the reference with ptqd.metrics.compute_reference"
+        )
+    feats = extract_features(images, model)
+    mu, sigma = feature_stats(feats.pool)
+    smu, ssigma = feature_stats(feats.spatial)
+    is_mean, is_std = inception_score(feats.probs)
+    precision, recall = precision_recall(ref.pool_features, feats.pool)
+    return {
+        "fd": frechet_distance(mu, sigma, ref.pool_mu, ref.pool_sigma),
+        "sfd": frechet_distance(smu, ssigma, ref.spatial_mu, ref.spatial_sigma),
+        "is": is_mean,
+        "is_std": is_std,
+        "precision": precision,
+        "recall": recall,
+        "accuracy": label_accuracy(feats.probs, labels) if labels is not None else None,
+        "num_samples": int(len(images)),
+        "reference": ref.name,
+    }
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A markdown table of metric dicts; the first column is each row's ``name``."""
+    columns = columns or ["fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples"]
+    header = ["", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row.get("name", ""))]
+        for c in columns:
+            v = row.get(c)
+            cells.append("–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

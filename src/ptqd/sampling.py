@@ -1,0 +1,174 @@
+"""The sampling loop over diffusers' DDPM and DDIM schedulers.
+
+Deterministic and batch-size independent: sample ``i`` draws all of its noise (initial and per
+step) from its own generator seeded by (seed, i), so the same seed gives the same images whatever
+the batch size, and any slice of a run can be regenerated on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ptqd.errors import PtqdError
+from ptqd.images import to_uint8
+from ptqd.io import atomic_path, write_json
+from ptqd.models.loading import DiffusionModel
+
+SCHEDULERS = ("ddim", "ddpm")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample. ``eta`` applies to DDIM only (DDPM is always stochastic)."""
+
+    scheduler: str = "ddim"
+    steps: int = 50
+    eta: float = 1.0
+    guidance: float = 1.0
+    seed: int = 0
+    batch_size: int = 250
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise PtqdError(f"unknown scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
+        if self.steps < 1:
+            raise PtqdError(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise PtqdError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.batch_size < 1:
+            raise PtqdError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Samples:
+    """Generated images (N, H, W, C) uint8, the class labels asked for (or None), and how they were made."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def make_scheduler(model: DiffusionModel, kind: str, steps: int):
+    """A fresh diffusers scheduler of ``kind`` built from the model's training schedule, set to ``steps``."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind]
+    cfg = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    scheduler = cls.from_config(cfg)
+    if steps > scheduler.config.num_train_timesteps:
+        raise PtqdError(f"steps ({steps}) exceeds the model's {scheduler.config.num_train_timesteps} training timesteps")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
+    """One generator per sample index: the noise of sample ``i`` depends only on (seed, i)."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63 - 1)) for i in indices]
+
+
+def default_labels(model: DiffusionModel, num: int, labels: list[int] | None = None) -> np.ndarray | None:
+    """Labels for ``num`` samples: the given list cycled, or 0..9 cycled for a conditional model."""
+    if not model.conditional:
+        if labels:
+            raise PtqdError(f"model {model.name} is unconditional: it takes no class labels")
+        return None
+    if labels:
+        bad = [c for c in labels if not 0 <= c < model.num_classes]
+        if bad:
+            raise PtqdError(f"class labels {bad} out of range: model {model.name} has classes 0..{model.num_classes - 1}")
+        base = np.asarray(labels, dtype=np.int64)
+    else:
+        base = np.arange(model.num_classes, dtype=np.int64)
+    return np.resize(base, num)
+
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+
+
+@torch.no_grad()
+def sample(
+    model: DiffusionModel,
+    num: int,
+    config: SamplerConfig | None = None,
+    labels: list[int] | np.ndarray | None = None,
+    progress: bool = True,
+    denoise: DenoiseFn | None = None,
+) -> Samples:
+    """Generate ``num`` images. ``denoise(x, t, labels, guidance)`` defaults to ``model.denoise``."""
+    from tqdm import tqdm
+
+    config = config or SamplerConfig()
+    config.validate()
+    if num < 1:
+        raise PtqdError(f"number of samples must be at least 1, got {num}")
+    label_arr = default_labels(model, num, list(labels) if labels is not None else None)
+    denoise = denoise or model.denoise
+    guidance = config.guidance if model.conditional else 1.0
+    shape = (model.channels, model.image_size, model.image_size)
+    out = []
+    n_batches = (num + config.batch_size - 1) // config.batch_size
+    bar = tqdm(total=n_batches * config.steps, desc=f"sampling {model.name}", unit="step", disable=not progress)
+    for b in range(n_batches):
+        idx = range(b * config.batch_size, min(num, (b + 1) * config.batch_size))
+        gens = sample_generators(config.seed, idx)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        y = torch.from_numpy(label_arr[idx.start : idx.stop]) if label_arr is not None else None
+        scheduler = make_scheduler(model, config.scheduler, config.steps)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            eps = denoise(x, t, y, guidance)
+            kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
+            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+            bar.update(1)
+        out.append(to_uint8(x))
+    bar.close()
+    record = {"model": model.name, "model_fingerprint": model.fingerprint(), "num": num, **asdict(config)}
+    if not model.conditional:
+        record["guidance"] = None
+    return Samples(np.concatenate(out), label_arr, record)
+
+
+def save_samples(samples: Samples, path: str | Path) -> Path:
+    """Write ``images`` (+ ``labels``) to ``.npz`` atomically, and the config to a ``.json`` beside it."""
+    path = Path(path)
+    arrays = {"images": samples.images, "config": np.array(json.dumps(samples.config))}
+    if samples.labels is not None:
+        arrays["labels"] = samples.labels
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    write_json(path.with_suffix(".json"), samples.config)
+    return path
+
+
+def load_samples(path: str | Path) -> Samples:
+    """Read and check a samples ``.npz``: key ``images`` uint8 (N, H, W, C), optional ``labels`` (N,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PtqdError(f"samples file {path} does not exist")
+    try:
+        z = np.load(path, allow_pickle=False)
+        files = set(z.files)
+    except Exception as e:
+        raise PtqdError(f"{path} is not a readable .npz file ({e}); write samples with `ptqd sample --out FILE.npz`") from e
+    with z:
+        if "images" not in files:
+            raise PtqdError(f"{path} has no 'images' array (found: {', '.join(sorted(files)) or 'nothing'})")
+        images = z["images"]
+        labels = z["labels"] if "labels" in files else None
+        config = json.loads(str(z["config"])) if "config" in files else {}
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
+        raise PtqdError(
+            f"{path}: 'images' must be a non-empty uint8 array (N, H, W, C) with C = 1 or 3, "
+            f"got {images.dtype} {images.shape}"
+        )
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise PtqdError(f"{path}: 'labels' must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
+    return Samples(images, labels, config)
