@@ -1,0 +1,128 @@
+"""Time-step-aware calibration data (Q-Diffusion): network inputs taken along the FP sampler's trajectory.
+
+The FP model samples ``num_samples`` images with the target sampler; at ``num_steps`` evenly spaced
+sampler steps the input (x_t, t, class label) is kept. Saved as safetensors with the settings as
+metadata, so a run can reuse it and refuse data from another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptqd import __version__
+from ptqd.errors import PtqdError
+from ptqd.io import atomic_path
+from ptqd.models.loading import DiffusionModel
+from ptqd.sampling import SamplerConfig, make_scheduler, sample
+
+CALIB_SEED = 1000  # differs from the evaluation seeds (0, 1, 2, …): calibration never sees their noise
+
+
+@dataclass
+class CalibrationSet:
+    """Inputs of the denoiser: x (M, C, H, W), t (M,), labels (M,) or None; ``meta`` says how they were made."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    labels: torch.Tensor | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def network_inputs(self, null_class: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the network actually sees: with classifier-free guidance each input runs twice,
+        with its label and with the null class, so both are calibrated for."""
+        guidance = self.meta.get("guidance") or 1.0
+        if self.labels is None or guidance == 1.0 or null_class is None:
+            return self.x, self.t, self.labels
+        null = torch.full_like(self.labels, null_class)
+        return torch.cat([self.x, self.x]), torch.cat([self.t, self.t]), torch.cat([self.labels, null])
+
+
+def kept_steps(steps: int, num_steps: int) -> list[int]:
+    """Indices (into the sampler's timesteps) of ``num_steps`` evenly spaced steps, first and last included."""
+    num_steps = max(1, min(num_steps, steps))
+    return sorted({int(round(v)) for v in np.linspace(0, steps - 1, num_steps)})
+
+
+@torch.no_grad()
+def collect_calibration(
+    model: DiffusionModel,
+    num_samples: int = 256,
+    sampler: SamplerConfig | None = None,
+    num_steps: int = 10,
+    seed: int = CALIB_SEED,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Run the FP sampler for ``num_samples`` images and keep the denoiser inputs at ``num_steps`` steps."""
+    if num_samples < 1:
+        raise PtqdError(f"calibration needs at least 1 sample, got {num_samples}")
+    sampler = SamplerConfig(**{**asdict(sampler or SamplerConfig()), "seed": seed})
+    sampler.validate()
+    timesteps = make_scheduler(model, sampler.scheduler, sampler.steps).timesteps.tolist()
+    keep = {int(timesteps[i]) for i in kept_steps(sampler.steps, num_steps)}
+    xs, ts, ys = [], [], []
+
+    def recording_denoise(x, t, y, guidance):
+        if int(t) in keep:
+            xs.append(x.clone())
+            ts.append(torch.full((len(x),), int(t), dtype=torch.long))
+            if y is not None:
+                ys.append(y.clone())
+        return model.denoise(x, t, y, guidance)
+
+    sample(model, num_samples, sampler, progress=progress, denoise=recording_denoise)
+    meta = {
+        "model": model.name,
+        "model_fingerprint": model.fingerprint(),
+        "num_samples": num_samples,
+        "num_steps": len(keep),
+        "timesteps": sorted(keep, reverse=True),
+        "ptqd": __version__,
+        **{k: v for k, v in asdict(sampler).items() if k != "batch_size"},
+    }
+    if not model.conditional:
+        meta["guidance"] = None
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(ys) if ys else None, meta)
+
+
+def save_calibration(calib: CalibrationSet, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {"x": calib.x.contiguous(), "t": calib.t.contiguous()}
+    if calib.labels is not None:
+        tensors["labels"] = calib.labels.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ptqd_calibration": json.dumps(calib.meta)})
+    return path
+
+
+def load_calibration(path: str | Path, model: DiffusionModel | None = None) -> CalibrationSet:
+    """Read a calibration file; with ``model``, refuse data collected with a different model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PtqdError(f"calibration file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ptqd_calibration", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise PtqdError(f"{path} is not a readable calibration file ({e}); collect it again with `ptqd quantize`") from e
+    if not meta or "x" not in tensors or "t" not in tensors:
+        raise PtqdError(f"{path} is not a ptqd calibration file (no metadata or no x/t tensors)")
+    if model is not None and meta.get("model_fingerprint") != model.fingerprint():
+        raise PtqdError(
+            f"{path} was collected with model {meta.get('model')} (fingerprint {meta.get('model_fingerprint')}), "
+            f"not {model.name} ({model.fingerprint()}); collect calibration data for this model"
+        )
+    return CalibrationSet(tensors["x"], tensors["t"], tensors.get("labels"), meta)

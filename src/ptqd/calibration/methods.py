@@ -1,0 +1,323 @@
+"""Calibration methods: set the quantizers of a wrapped network from calibration data.
+
+``naive``: min-max weight ranges and min-max activation ranges over the calibration set.
+
+``qdiff`` (Q-Diffusion / BRECQ): MSE-searched weight ranges; AdaRound weight rounding learned
+block by block (BRECQ: residual blocks, attention blocks, up/down-samplers, the time embedding,
+and lone layers) with activations in float, minimising the block's output error against the FP
+network's; then MSE-searched activation ranges and learned activation step sizes (LSQ), block by
+block again, for every calibrated activation bit-width.
+
+Block inputs come from the network being quantized (earlier blocks already quantized), targets
+from the FP network on the same calibration inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqd.calibration.data import CalibrationSet
+from ptqd.errors import PtqdError
+from ptqd.models.loading import DiffusionModel
+from ptqd.quant.layers import QuantLayer
+from ptqd.quant.quantizer import PASS_BITS, ActQuantizer, WeightQuantizer
+from ptqd.quant.wrap import act_quantizers, set_act_bits, set_quant_state
+
+METHODS = ("naive", "qdiff")
+UNIT_TYPES = ("ResnetBlock2D", "BasicTransformerBlock", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
+
+
+@dataclass
+class CalibrationOptions:
+    """Knobs of the calibration methods. Defaults finish on the zoo model in a few minutes on 2 cores
+    (the official code uses 20k weight and 5k activation iterations on GPUs)."""
+
+    method: str = "qdiff"
+    recon_samples: int = 1024  # network inputs used for block reconstruction
+    weight_iters: int = 200
+    act_iters: int = 100
+    batch_size: int = 32
+    weight_lr: float = 1e-2  # Adam on AdaRound's alpha
+    act_lr: float = 1e-2  # Adam on step sizes, relative to each initial step size
+    round_reg: float = 0.01  # AdaRound rounding regulariser weight
+    warmup: float = 0.2  # fraction of weight iterations without the rounding regulariser
+    forward_batch: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise PtqdError(f"unknown calibration method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in ("recon_samples", "batch_size", "forward_batch"):
+            if getattr(self, name) < 1:
+                raise PtqdError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("weight_iters", "act_iters"):
+            if getattr(self, name) < 0:
+                raise PtqdError(f"{name} must be 0 or more, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# running the network on calibration inputs
+
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@torch.no_grad()
+def run_network(model: DiffusionModel, net: nn.Module, x, t, y, batch: int) -> None:
+    for s in _batches(len(x), batch):
+        model.denoise(x[s], t[s], y[s] if y is not None else None, 1.0, unet=net)
+
+
+@torch.no_grad()
+def observe_activations(model: DiffusionModel, net: nn.Module, inputs, batch: int, method: str | None = None) -> None:
+    """Record every activation quantizer's input over the calibration inputs, then set its scales."""
+    quantizers = [q for _, q in act_quantizers(net)]
+    for q in quantizers:
+        q.reset_observer()
+        q.observing = True
+    try:
+        run_network(model, net, *inputs, batch=batch)
+    finally:
+        for q in quantizers:
+            q.observing = False
+    for name, q in act_quantizers(net):
+        try:
+            q.calibrate_from_observed(method)
+        except PtqdError as e:
+            raise PtqdError(f"{name}: {e}") from None
+
+
+def recon_units(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks reconstructed together (BRECQ granularity), in module order; lone layers are their own unit."""
+    units: list[tuple[str, nn.Module]] = []
+
+    def has_quant(m: nn.Module) -> bool:
+        return isinstance(m, QuantLayer) or any(isinstance(c, QuantLayer) for c in m.modules())
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, QuantLayer) or (type(child).__name__ in UNIT_TYPES and has_quant(child)):
+                units.append((full, child))
+            elif not isinstance(child, (WeightQuantizer, ActQuantizer)):
+                visit(full, child)
+
+    visit("", net)
+    return units
+
+
+class _Stop(Exception):
+    pass
+
+
+def _merge(items: list[Any], sizes: list[int]) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        if first.ndim > 0 and all(it.shape[0] == s for it, s in zip(items, sizes)):
+            return torch.cat(items)
+        return first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_merge([it[i] for it in items], sizes) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _merge([it[k] for it in items], sizes) for k in first}
+    return first
+
+
+def _take(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[idx] if obj.ndim > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture(model: DiffusionModel, net: nn.Module, unit: str, inputs, batch: int, want: str) -> Any:
+    """Run the calibration inputs through ``net`` up to ``unit``; return its (args, kwargs) or its output."""
+    mod = net.get_submodule(unit)
+    got: list[Any] = []
+
+    def pre(m, args, kwargs):
+        if want == "inputs":
+            got.append((args, kwargs))
+            raise _Stop
+
+    def post(m, args, kwargs, out):
+        got.append(out)
+        raise _Stop
+
+    h1 = mod.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = mod.register_forward_hook(post, with_kwargs=True)
+    sizes = []
+    try:
+        x, t, y = inputs
+        for s in _batches(len(x), batch):
+            n_before = len(got)
+            try:
+                model.denoise(x[s], t[s], y[s] if y is not None else None, 1.0, unet=net)
+            except _Stop:
+                pass
+            if len(got) == n_before:
+                raise PtqdError(f"block {unit} was not called by the network's forward pass; cannot calibrate it")
+            sizes.append(s.stop - s.start)
+    finally:
+        h1.remove()
+        h2.remove()
+    return _merge(got, sizes)
+
+
+def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over dim 1, averaged over the rest."""
+    d = (out - target).pow(2)
+    return d.sum(1).mean() if d.ndim > 1 else d.mean()
+
+
+def _unit_weight_quantizers(unit: nn.Module) -> list[tuple[WeightQuantizer, torch.Tensor]]:
+    pairs = []
+    layers = [unit] if isinstance(unit, QuantLayer) else [m for m in unit.modules() if isinstance(m, QuantLayer)]
+    for layer in layers:
+        for q, w in zip(layer.weight_quantizers, layer.weight_parts()):
+            if q.enabled and q.bits < PASS_BITS:
+                pairs.append((q, w.detach()))
+    return pairs
+
+
+def reconstruct_weights(unit: nn.Module, args, kwargs, target, opts: CalibrationOptions, gen: torch.Generator) -> float:
+    """AdaRound the weights of ``unit`` (activations in float). Returns the final reconstruction loss."""
+    pairs = _unit_weight_quantizers(unit)
+    if not pairs or opts.weight_iters == 0:
+        return float("nan")
+    params = [q.init_adaround(w) for q, w in pairs]
+    opt = torch.optim.Adam(params, lr=opts.weight_lr)
+    n = target.shape[0]
+    warm = int(opts.warmup * opts.weight_iters)
+    rec = torch.tensor(float("nan"))
+    with torch.enable_grad():
+        for it in range(opts.weight_iters):
+            idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
+            out = unit(*_take(args, idx, n), **_take(kwargs, idx, n))
+            rec = _rec_loss(out, target[idx])
+            loss = rec
+            if it >= warm:
+                rel = (it - warm) / max(1, opts.weight_iters - warm)
+                beta = 2.0 + (20.0 - 2.0) * max(0.0, 1.0 - rel)
+                reg = sum((1 - (2 * q.soft_bits() - 1).abs().pow(beta)).sum() for q, _ in pairs)
+                loss = rec + opts.round_reg * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for q, _ in pairs:
+        q.finish_adaround()
+    return float(rec.detach())
+
+
+def reconstruct_acts(unit: nn.Module, args, kwargs, target, opts: CalibrationOptions, gen: torch.Generator, learn_fixed: bool) -> float:
+    """Learn the step sizes of the activation quantizers in ``unit`` at their current bit-widths."""
+    quantizers = [
+        q for q in unit.modules() if isinstance(q, ActQuantizer) and q.enabled and q.bits < PASS_BITS and (learn_fixed or not q.fixed)
+    ]
+    if not quantizers or opts.act_iters == 0:
+        return float("nan")
+    params = [q.current_scale() for q in quantizers]
+    groups = [{"params": [p], "lr": opts.act_lr * float(p.detach().abs().clamp(min=1e-8))} for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    n = target.shape[0]
+    rec = torch.tensor(float("nan"))
+    try:
+        with torch.enable_grad():
+            for _ in range(opts.act_iters):
+                idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
+                out = unit(*_take(args, idx, n), **_take(kwargs, idx, n))
+                rec = _rec_loss(out, target[idx])
+                opt.zero_grad(set_to_none=True)
+                rec.backward()
+                opt.step()
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(min=1e-8)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return float(rec.detach())
+
+
+def calibrate(
+    model: DiffusionModel,
+    qnet: nn.Module,
+    calib: CalibrationSet,
+    opts: CalibrationOptions | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrate the wrapped network ``qnet`` (a quantized copy of ``model.unet``) in place.
+
+    Returns a summary: seconds per phase and per-block reconstruction losses.
+    """
+    from tqdm import tqdm
+
+    opts = opts or CalibrationOptions()
+    opts.validate()
+    config = qnet.ptqd_config
+    gen = torch.Generator().manual_seed(opts.seed)
+    x, t, y = calib.network_inputs(model.null_class)
+    all_inputs = (x, t, y)
+    pick = torch.randperm(len(x), generator=gen)[: opts.recon_samples]
+    recon_inputs = (x[pick], t[pick], y[pick] if y is not None else None)
+    summary: dict[str, Any] = {"options": asdict(opts), "network_inputs": len(x), "seconds": {}}
+    primary = config.act_bits
+
+    t0 = time.perf_counter()
+    for layer in [m for m in qnet.modules() if isinstance(m, QuantLayer)]:
+        for q, w in zip(layer.weight_quantizers, layer.weight_parts()):
+            q.calibrate(w.detach())
+    summary["seconds"]["weight_ranges"] = round(time.perf_counter() - t0, 2)
+
+    units = recon_units(qnet)
+    if opts.method == "qdiff" and opts.weight_iters > 0:
+        t0 = time.perf_counter()
+        set_quant_state(qnet, weights=True, acts=False)
+        losses = {}
+        bar = tqdm(units, desc="AdaRound blocks", disable=not progress)
+        for name, unit in bar:
+            args, kwargs = capture(model, qnet, name, recon_inputs, opts.forward_batch, "inputs")
+            target = capture(model, model.unet, name, recon_inputs, opts.forward_batch, "output")
+            losses[name] = reconstruct_weights(unit, args, kwargs, target, opts, gen)
+            bar.set_postfix(block=name[-24:], loss=f"{losses[name]:.4g}")
+        summary["weight_recon_loss"] = losses
+        summary["seconds"]["weight_reconstruction"] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    set_quant_state(qnet, weights=True, acts=False)
+    observe_activations(model, qnet, all_inputs, opts.forward_batch, method=None)
+    summary["seconds"]["activation_ranges"] = round(time.perf_counter() - t0, 2)
+
+    if opts.method == "qdiff" and opts.act_iters > 0:
+        t0 = time.perf_counter()
+        set_quant_state(qnet, weights=True, acts=True)
+        losses = {}
+        order = [primary] + [b for b in config.act_bit_options if b != primary]
+        for bits in order:
+            set_act_bits(qnet, bits)
+            bar = tqdm(units, desc=f"step sizes A{bits}", disable=not progress)
+            for name, unit in bar:
+                args, kwargs = capture(model, qnet, name, recon_inputs, opts.forward_batch, "inputs")
+                target = capture(model, model.unet, name, recon_inputs, opts.forward_batch, "output")
+                losses[f"{name}@A{bits}"] = reconstruct_acts(unit, args, kwargs, target, opts, gen, learn_fixed=bits == primary)
+                bar.set_postfix(block=name[-24:], loss=f"{losses[f'{name}@A{bits}']:.4g}")
+        set_act_bits(qnet, primary)
+        summary["act_recon_loss"] = losses
+        summary["seconds"]["activation_reconstruction"] = round(time.perf_counter() - t0, 2)
+
+    set_quant_state(qnet, weights=True, acts=True)
+    set_act_bits(qnet, primary)
+    return summary

@@ -1,0 +1,244 @@
+"""Quantization runs: load → collect calibration data → wrap → calibrate → measure → save, as one call.
+
+A run directory holds
+
+* ``config.json``: everything needed to redo the run (model and its fingerprint, quantization
+  settings, calibration method and options, calibration sampler and seed, ptqd version);
+* ``calibration.safetensors``: the calibration inputs (reused when the run is repeated);
+* ``quant_state.safetensors``: every quantizer's scales, zero points and AdaRound decisions;
+* ``summary.json``: BOPs, model size, timings, reconstruction losses, what was kept in float.
+
+``load_run(dir)`` rebuilds the quantized network from the FP model and the saved state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqd import __version__
+from ptqd.calibration.data import (
+    CALIB_SEED,
+    CalibrationSet,
+    collect_calibration,
+    kept_steps,
+    load_calibration,
+    save_calibration,
+)
+from ptqd.calibration.methods import CalibrationOptions, calibrate
+from ptqd.errors import PtqdError
+from ptqd.io import atomic_path, write_json
+from ptqd.metrics.bops import count_bops, model_size_bytes
+from ptqd.models.loading import DiffusionModel, load
+from ptqd.quant.wrap import QuantConfig, find_unsupported, load_quant_state, quant_layers, quant_state, set_act_bits, wrap_model
+from ptqd.sampling import SamplerConfig
+
+SCALE_DEFAULTS = {"naive": "minmax", "qdiff": "mse"}
+
+
+@dataclass
+class QuantizedRun:
+    """A calibrated quantized network next to the FP model it came from."""
+
+    fp: DiffusionModel
+    qnet: nn.Module
+    config: dict[str, Any]
+    path: Path | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def model(self) -> DiffusionModel:
+        """The quantized model behind the same ``denoise`` adapter (sampling uses it unchanged)."""
+        q = self.config["quant"]
+        tag = f"W{q['weight_bits']}A{q['act_bits']} {self.config['method']}"
+        return dataclasses.replace(self.fp, unet=self.qnet, name=f"{self.fp.name} [{tag}]", info={**self.fp.info, "run": self.config})
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig.from_dict(self.config["quant"])
+
+    def set_act_bits(self, bits: int) -> None:
+        set_act_bits(self.qnet, bits)
+
+
+def example_forward(model: DiffusionModel, batch: int = 1):
+    """A function running one denoiser forward on a fixed input (for split detection and BOPs)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.channels, model.image_size, model.image_size, generator=g)
+    y = torch.zeros(batch, dtype=torch.long) if model.conditional else None
+
+    def run(net: nn.Module):
+        return model.denoise(x, torch.tensor(500), y, 1.0, unet=net)
+
+    return run
+
+
+def resolve_config(config: QuantConfig, method: str) -> QuantConfig:
+    """Fill scale methods left as None with the calibration method's default (naive: minmax, qdiff: mse)."""
+    d = config.to_dict()
+    for key in ("weight_method", "act_method"):
+        if d[key] is None:
+            d[key] = SCALE_DEFAULTS.get(method, "minmax")
+    return QuantConfig.from_dict(d)
+
+
+def measure(fp: DiffusionModel, qnet: nn.Module) -> dict[str, Any]:
+    """BOPs per denoiser forward (one image) and model size, quantized vs FP."""
+    run = example_forward(fp)
+    bops = count_bops(qnet, run)
+    size = model_size_bytes(qnet)
+    layers = [
+        {"name": n, "kind": m.kind, "w_bits": m.weight_bits, "a_bits": m.act_bits, "split": m.split}
+        for n, m in quant_layers(qnet)
+    ]
+    _, kept = find_unsupported(fp.unet)
+    return {
+        "bops": bops.summary(),
+        "bops_by_layer": [dataclasses.asdict(o) | {"bops": o.bops} for o in bops.ops],
+        "size": size,
+        "layers": layers,
+        "kept_float": kept,
+    }
+
+
+def quantize(
+    model: str | Path | DiffusionModel,
+    config: QuantConfig | None = None,
+    method: str = "qdiff",
+    options: CalibrationOptions | None = None,
+    calib_samples: int = 256,
+    calib_steps: int = 10,
+    sampler: SamplerConfig | None = None,
+    calib_seed: int = CALIB_SEED,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> QuantizedRun:
+    """Quantize ``model`` and calibrate it with ``method``; write a run directory when ``out`` is given.
+
+    ``sampler`` is the sampler the calibration trajectories follow (use the one you will sample
+    with; default DDIM 50 steps, eta 1, guidance 3 for conditional models).
+    """
+    fp = model if isinstance(model, DiffusionModel) else load(model)
+    options = dataclasses.replace(options or CalibrationOptions(), method=method)
+    options.validate()
+    config = resolve_config(config or QuantConfig(), method)
+    config.validate()
+    sampler = sampler or SamplerConfig(guidance=3.0 if fp.conditional else 1.0)
+    sampler = dataclasses.replace(sampler, seed=calib_seed)
+    run_config = {
+        "ptqd": __version__,
+        "model": fp.name if fp.path is None or fp.name != fp.path.name else str(fp.path),
+        "model_fingerprint": fp.fingerprint(),
+        "method": method,
+        "quant": config.to_dict(),
+        "calibration": {"num_samples": calib_samples, "num_steps": calib_steps, **asdict(sampler)},
+        "options": asdict(options),
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = Path(out) if out is not None else None
+    if out is not None:
+        done = _existing_run(out, run_config)
+        if done is not None:
+            if progress:
+                print(f"{out} already holds this run; loading it")
+            return done
+
+    calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
+    t0 = time.perf_counter()
+    qnet = wrap_model(fp.unet, config, run_once=example_forward(fp))
+    summary = calibrate(fp, qnet, calib, options, progress=progress)
+    summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)
+    summary.update(measure(fp, qnet))
+    run = QuantizedRun(fp, qnet, run_config, out, summary)
+    if out is not None:
+        save_run(run, out)
+    return run
+
+
+def _calibration_data(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
+    path = out / "calibration.safetensors" if out is not None else None
+    if path is not None and path.is_file():
+        calib = load_calibration(path, fp)
+        m = calib.meta
+        wanted = (num, seed, sampler.scheduler, sampler.steps, sampler.eta, sampler.guidance if fp.conditional else None)
+        found = (m.get("num_samples"), m.get("seed"), m.get("scheduler"), m.get("steps"), m.get("eta"), m.get("guidance"))
+        same = wanted == found and m.get("num_steps") == len(kept_steps(sampler.steps, steps))
+        if same:
+            if progress:
+                print(f"reusing calibration data {path}")
+            return calib
+    calib = collect_calibration(fp, num, sampler, steps, seed, progress)
+    if path is not None:
+        save_calibration(calib, path)
+    return calib
+
+
+def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
+    cfg_file = out / "config.json"
+    if not cfg_file.is_file():
+        return None
+    old = json.loads(cfg_file.read_text())
+    keys = ("model_fingerprint", "method", "quant", "calibration", "options")
+    diff = [k for k in keys if old.get(k) != run_config.get(k)]
+    if diff:
+        raise PtqdError(
+            f"{out} already holds a different run (differs in: {', '.join(diff)}); "
+            "choose another --out or delete that directory"
+        )
+    if not (out / "quant_state.safetensors").is_file():
+        return None  # interrupted before the end: calibrate again (calibration data is reused)
+    return load_run(out)
+
+
+def save_run(run: QuantizedRun, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "quant_state.safetensors") as tmp:
+        save_file(quant_state(run.qnet), str(tmp), metadata={"ptqd_run": json.dumps(run.config)})
+    write_json(out / "summary.json", run.summary)
+    write_json(out / "config.json", run.config)
+    run.path = out
+    return out
+
+
+def load_run(path: str | Path, model: DiffusionModel | None = None) -> QuantizedRun:
+    """Rebuild a quantized model from a run directory (the FP model is loaded by name/path unless given)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    state_file = path / "quant_state.safetensors"
+    if not cfg_file.is_file():
+        raise PtqdError(f"{path} is not a quantization run (no config.json); make one with `ptqd quantize --out {path}`")
+    if not state_file.is_file():
+        raise PtqdError(f"{path} has no quant_state.safetensors: the run did not finish; rerun the same `ptqd quantize`")
+    config = json.loads(cfg_file.read_text())
+    fp = model or load(config["model"])
+    if fp.fingerprint() != config["model_fingerprint"]:
+        raise PtqdError(
+            f"run {path} was made from a model with fingerprint {config['model_fingerprint']}, but {config['model']} "
+            f"now has {fp.fingerprint()}: the weights changed; quantize again"
+        )
+    qconfig = QuantConfig.from_dict(config["quant"])
+    qnet = wrap_model(fp.unet, qconfig, run_once=example_forward(fp))
+    try:
+        state = load_file(str(state_file))
+    except Exception as e:
+        raise PtqdError(f"{state_file} is unreadable ({e}); rerun `ptqd quantize`") from e
+    load_quant_state(qnet, state)
+    summary_file = path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return QuantizedRun(fp, qnet, config, path, summary)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "quant_state.safetensors").is_file()
