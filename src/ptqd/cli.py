@@ -21,17 +21,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the bundled models")
 
     s = sub.add_parser("sample", help="generate images and save them as .npz")
-    s.add_argument("--model", required=True, help="bundled model name or model directory")
+    s.add_argument("run", nargs="?", type=Path, default=None, help="quantization run directory (from `ptqd quantize`)")
+    s.add_argument("--model", default=None, help="bundled model name or model directory (full precision)")
+    s.add_argument("--act-bits", type=int, default=None, help="activation bit-width of a run (one it was calibrated for)")
     s.add_argument("--num", type=int, default=1000, help="number of images (default 1000)")
     s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (conditional models)")
+    s.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: a run's calibration guidance, else 1)"
+    )
     s.add_argument("--labels", type=_labels, default=None, help="class labels, cycled (default 0..9 cycled)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=250)
     s.add_argument("--out", type=Path, required=True, help="output .npz (a .json with the config is written beside it)")
     s.add_argument("--no-progress", action="store_true")
+
+    q = sub.add_parser("quantize", help="quantize a model and calibrate it; writes a run directory")
+    q.add_argument("--model", required=True, help="bundled model name or model directory")
+    q.add_argument("--weight-bits", type=int, default=8)
+    q.add_argument("--act-bits", type=int, default=8)
+    q.add_argument("--extra-act-bits", type=_labels, default=[], help="more activation bit-widths to calibrate, e.g. 4")
+    q.add_argument("--softmax-bits", type=int, default=8, help="bit-width of the attention softmax output")
+    q.add_argument("--method", choices=["naive", "qdiff"], default="qdiff")
+    q.add_argument("--weight-scale", choices=["minmax", "mse", "percentile"], default=None, help="default: naive minmax, qdiff mse")
+    q.add_argument("--act-scale", choices=["minmax", "mse", "percentile"], default=None, help="default: naive minmax, qdiff mse")
+    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer (default: per output channel)")
+    q.add_argument("--symmetric-weights", action="store_true")
+    q.add_argument("--symmetric-acts", action="store_true")
+    q.add_argument("--first-last-bits", type=int, default=8, help="bit-width floor of the first and last layer (0: no exception)")
+    q.add_argument("--eight-bit", nargs="*", default=[], metavar="LAYER", help="more layers (name patterns) kept at 8 bit")
+    q.add_argument("--keep-float", nargs="*", default=[], metavar="LAYER", help="layers (name patterns) left unquantized")
+    q.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in float")
+    q.add_argument("--no-split-shortcut", action="store_true", help="one quantizer for skip-concatenation inputs")
+    q.add_argument("--calib-samples", type=int, default=256, help="FP sampling trajectories for calibration data")
+    q.add_argument("--calib-steps", type=int, default=10, help="evenly spaced sampler steps kept per trajectory")
+    q.add_argument("--calib-seed", type=int, default=1000)
+    q.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler of the calibration trajectories")
+    q.add_argument("--steps", type=int, default=50)
+    q.add_argument("--eta", type=float, default=1.0)
+    q.add_argument("--guidance", type=float, default=None, help="default 3.0 for conditional models")
+    q.add_argument("--recon-samples", type=int, default=1024, help="network inputs used for block reconstruction")
+    q.add_argument("--weight-iters", type=int, default=200, help="AdaRound iterations per block (qdiff)")
+    q.add_argument("--act-iters", type=int, default=100, help="step-size learning iterations per block and bit-width (qdiff)")
+    q.add_argument("--recon-batch", type=int, default=32)
+    q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
+    q.add_argument("--out", type=Path, required=True, help="run directory")
+    q.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("evaluate", help="sample-quality metrics of a samples .npz")
     e.add_argument("samples", type=Path)
@@ -62,11 +99,26 @@ def _run(args: argparse.Namespace) -> int:
 
         print("\n".join(list_models()))
     elif args.command == "sample":
+        from ptqd.errors import PtqdError
         from ptqd.models import load
+        from ptqd.runs import load_run
         from ptqd.sampling import SamplerConfig, sample, save_samples
 
-        model = load(args.model)
-        config = SamplerConfig(args.scheduler, args.steps, args.eta, args.guidance, args.seed, args.batch_size)
+        if (args.run is None) == (args.model is None):
+            raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
+        guidance = args.guidance
+        if args.run is not None:
+            run = load_run(args.run)
+            if args.act_bits is not None:
+                run.set_act_bits(args.act_bits)
+            model = run.model
+            if guidance is None:
+                guidance = run.config["calibration"].get("guidance") or 1.0
+        else:
+            if args.act_bits is not None:
+                raise PtqdError("--act-bits needs a quantization run directory")
+            model = load(args.model)
+        config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
         samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress)
         path = save_samples(samples, args.out)
         print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
@@ -82,11 +134,67 @@ def _run(args: argparse.Namespace) -> int:
         write_json(out, metrics)
         print(format_table([{"name": args.samples.name, **metrics}]))
         print(f"wrote {out}")
+    elif args.command == "quantize":
+        _quantize(args)
     elif args.command == "demo":
         from ptqd.demo import run_demo
 
         run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from ptqd.calibration import CalibrationOptions
+    from ptqd.metrics import format_table
+    from ptqd.models import load
+    from ptqd.quant import QuantConfig
+    from ptqd.runs import quantize
+    from ptqd.sampling import SamplerConfig
+
+    model = load(args.model)
+    config = QuantConfig(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        extra_act_bits=args.extra_act_bits,
+        softmax_bits=args.softmax_bits,
+        weight_symmetric=args.symmetric_weights,
+        weight_per_channel=not args.per_tensor_weights,
+        act_symmetric=args.symmetric_acts,
+        weight_method=args.weight_scale,
+        act_method=args.act_scale,
+        percentile=args.percentile,
+        first_last_bits=args.first_last_bits or None,
+        eight_bit_layers=args.eight_bit,
+        keep_float=args.keep_float,
+        quantize_attention=not args.no_attention_quant,
+        split_shortcut=not args.no_split_shortcut,
+    )
+    options = CalibrationOptions(
+        method=args.method,
+        recon_samples=args.recon_samples,
+        weight_iters=args.weight_iters,
+        act_iters=args.act_iters,
+        batch_size=args.recon_batch,
+        seed=args.seed,
+    )
+    guidance = args.guidance if args.guidance is not None else (3.0 if model.conditional else 1.0)
+    sampler = SamplerConfig(args.scheduler, args.steps, args.eta, guidance)
+    run = quantize(
+        model, config, args.method, options, args.calib_samples, args.calib_steps, sampler, args.calib_seed,
+        out=args.out, progress=not args.no_progress,
+    )
+    s = run.summary
+    row = {
+        "name": run.model.name,
+        "macs": s["bops"]["macs"],
+        "gbops": s["bops"]["bops"] / 1e9,
+        "bops_saving": s["bops"]["bops_saving"],
+        "size_mb": s["size"]["bytes"] / 1e6,
+        "size_ratio": s["size"]["ratio"],
+        "calib_seconds": s["seconds"].get("total_calibration"),
+    }
+    print(format_table([row], list(row)[1:]))
+    print(f"wrote {args.out}/config.json, quant_state.safetensors, summary.json")
 
 
 if __name__ == "__main__":

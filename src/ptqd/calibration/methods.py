@@ -181,6 +181,14 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return d.sum(1).mean() if d.ndim > 1 else d.mean()
 
 
+def _per_sample_err(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).reshape(len(out), -1).sum(1)
+
+
+def _index_batches(n: int, size: int):
+    return [torch.arange(i, min(n, i + size)) for i in range(0, n, size)]
+
+
 def _unit_weight_quantizers(unit: nn.Module) -> list[tuple[WeightQuantizer, torch.Tensor]]:
     pairs = []
     layers = [unit] if isinstance(unit, QuantLayer) else [m for m in unit.modules() if isinstance(m, QuantLayer)]
@@ -221,7 +229,9 @@ def reconstruct_weights(unit: nn.Module, args, kwargs, target, opts: Calibration
 
 
 def reconstruct_acts(unit: nn.Module, args, kwargs, target, opts: CalibrationOptions, gen: torch.Generator, learn_fixed: bool) -> float:
-    """Learn the step sizes of the activation quantizers in ``unit`` at their current bit-widths."""
+    """Learn the step sizes of the activation quantizers in ``unit`` at their current bit-widths.
+
+    Returns the final relative loss (1.0 = as good as the initial step sizes)."""
     quantizers = [
         q for q in unit.modules() if isinstance(q, ActQuantizer) and q.enabled and q.bits < PASS_BITS and (learn_fixed or not q.fixed)
     ]
@@ -233,13 +243,19 @@ def reconstruct_acts(unit: nn.Module, args, kwargs, target, opts: CalibrationOpt
         p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     n = target.shape[0]
+    # Each input's error is measured relative to its error at the start. Without this the last
+    # sampler steps (t near 0), where 8-bit input quantization is amplified enormously, dominate
+    # the loss and the step sizes fit them at the expense of every other step.
+    with torch.no_grad():
+        base = torch.cat([_per_sample_err(unit(*_take(args, i, n), **_take(kwargs, i, n)), target[i]) for i in _index_batches(n, 256)])
+        base = base.clamp(min=base.mean() * 1e-3 + 1e-12)
     rec = torch.tensor(float("nan"))
     try:
         with torch.enable_grad():
             for _ in range(opts.act_iters):
                 idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
                 out = unit(*_take(args, idx, n), **_take(kwargs, idx, n))
-                rec = _rec_loss(out, target[idx])
+                rec = (_per_sample_err(out, target[idx]) / base[idx]).mean()
                 opt.zero_grad(set_to_none=True)
                 rec.backward()
                 opt.step()
