@@ -63,7 +63,7 @@ def test_asymmetric_range_always_contains_zero():
 def test_straight_through_gradient():
     x = torch.tensor([0.12, 0.5, 0.9], requires_grad=True)
     fake_quant(x, torch.tensor(0.25), torch.tensor(0.0), 0, 3).sum().backward()
-    assert x.grad.tolist() == [1.0, 1.0, 1.0]
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]  # identity inside the range, zero where clamped (0.9 / 0.25 > 3)
 
 
 def test_per_channel_vs_per_tensor():
@@ -145,16 +145,16 @@ def _tiny_unet2d_condition():
 
 
 def _naive_calibrate(qnet, forward):
+    for m in qnet.modules():
+        if isinstance(m, QuantLayer):
+            for q, w in zip(m.weight_quantizers, m.weight_parts()):
+                q.calibrate(w.detach())
     for _, q in act_quantizers(qnet):
         q.observing = True
     forward(qnet)
     for _, q in act_quantizers(qnet):
         q.observing = False
         q.calibrate_from_observed("minmax")
-    for m in qnet.modules():
-        if isinstance(m, QuantLayer):
-            for q, w in zip(m.weight_quantizers, m.weight_parts()):
-                q.calibrate(w.detach())
 
 
 def _assert_fully_wrapped(net, qnet):
@@ -234,7 +234,11 @@ def zoo_calib(zoo):
 
 
 def _rel_err(zoo, qnet, calib):
+    # the last step (t = 0) is left out: there the model predicts noise of size ~0.01 on top of the
+    # image and 8-bit input quantization alone changes it by tens of percent (see DESIGN.md 4)
     x, t, y = calib.network_inputs(zoo.null_class)
+    keep = t > 0
+    x, t, y = x[keep], t[keep], y[keep]
     with torch.no_grad():
         a = zoo.denoise(x, t, y, 1.0)
         b = zoo.denoise(x, t, y, 1.0, unet=qnet)
@@ -305,7 +309,9 @@ def test_adaround_lowers_block_error(zoo, zoo_calib):
     # the learned rounding is hard and stays on the grid: each weight moved by less than one step
     q = unit.conv1.weight_quantizers[0]
     w = unit.conv1.fp.weight
-    assert q.round_up is not None and ((q(w) - w).abs() <= q.scale * 1.0001).all()
+    codes = torch.round(q(w) / q.scale + q.zero_point)
+    inside = (codes > 0) & (codes < 7)  # 3 bits: 0..7; clipped weights sit on the ends
+    assert q.round_up is not None and ((q(w) - w).abs() <= q.scale * 1.0001)[inside].all()
 
 
 # ------------------------------------------------------------------------------------------
