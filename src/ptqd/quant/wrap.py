@@ -96,7 +96,7 @@ def _check_attention(name: str, attn: nn.Module) -> str | None:
     return None
 
 
-def find_unsupported(net: nn.Module, keep_float: list[str] = ()) -> tuple[list[str], list[str]]:
+def find_unsupported(net: nn.Module, keep_float: list[str] = (), attention: bool = True) -> tuple[list[str], list[str]]:
     """(unsupported, kept-in-float) module descriptions for ``net``.
 
     Unsupported: leaf modules with weights that are neither Conv2d/Linear nor a known float-safe
@@ -107,7 +107,7 @@ def find_unsupported(net: nn.Module, keep_float: list[str] = ()) -> tuple[list[s
         if _matches(name, list(keep_float)) and name:
             continue
         if _is_attention(m):
-            problem = _check_attention(name, m)
+            problem = _check_attention(name, m) if attention else None
             if problem:
                 unsupported.append(problem)
             continue
@@ -176,7 +176,7 @@ def wrap_model(
 ) -> nn.Module:
     """A quantized copy of ``net`` (uncalibrated). ``run_once`` runs one forward, for split detection."""
     config.validate()
-    unsupported, _ = find_unsupported(net, config.keep_float)
+    unsupported, _ = find_unsupported(net, config.keep_float, config.quantize_attention)
     if unsupported:
         raise PtqdError(
             "cannot quantize these modules (no quantized version, and not known to be safe in float):\n  "
