@@ -23,7 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate images and save them as .npz")
     s.add_argument("run", nargs="?", type=Path, default=None, help="quantization run directory (from `ptqd quantize`)")
     s.add_argument("--model", default=None, help="bundled model name or model directory (full precision)")
-    s.add_argument("--act-bits", type=int, default=None, help="activation bit-width of a run (one it was calibrated for)")
+    s.add_argument(
+        "--act-bits", default=None,
+        help="activation bits of a run: one it was calibrated for, or 'mixed' (per step; default for a PTQD mixed-precision run)",
+    )
+    s.add_argument(
+        "--correct", default=None,
+        help="PTQD corrections: none, all, or a subset of cnc,bc,vsc (default: all for a --method ptqd run, else none)",
+    )
+    s.add_argument("--low-bit-steps", type=int, default=None, help="mixed precision override: the first N steps at the lowest bit-width")
+    s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
+    s.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
     s.add_argument("--num", type=int, default=1000, help="number of images (default 1000)")
     s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--steps", type=int, default=50)
@@ -43,7 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, default=8)
     q.add_argument("--extra-act-bits", type=_labels, default=[], help="more activation bit-widths to calibrate, e.g. 4")
     q.add_argument("--softmax-bits", type=int, default=8, help="bit-width of the attention softmax output")
-    q.add_argument("--method", choices=["naive", "qdiff"], default="qdiff")
+    q.add_argument(
+        "--method", choices=["naive", "qdiff", "ptqd"], default="qdiff",
+        help="naive: min-max ranges; qdiff: Q-Diffusion calibration; ptqd: qdiff + noise statistics for correction",
+    )
+    q.add_argument("--noise-samples", type=int, default=256, help="FP trajectories for the noise statistics (ptqd)")
+    q.add_argument("--noise-seed", type=int, default=2000, help="seed of the noise-statistics trajectories (ptqd)")
+    q.add_argument(
+        "--mixed-precision", type=_labels, default=None, metavar="BITS",
+        help="activation bit-widths to choose from per step, e.g. 4,8 (ptqd)",
+    )
     q.add_argument("--weight-scale", choices=["minmax", "mse", "percentile"], default=None, help="default: naive minmax, qdiff mse")
     q.add_argument("--act-scale", choices=["minmax", "mse", "percentile"], default=None, help="default: naive minmax, qdiff mse")
     q.add_argument("--percentile", type=float, default=99.99)
@@ -69,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
     q.add_argument("--out", type=Path, required=True, help="run directory")
     q.add_argument("--no-progress", action="store_true")
+
+    st = sub.add_parser("stats", help="collect PTQD noise statistics of a run for a sampler setting")
+    st.add_argument("run", type=Path, help="quantization run directory")
+    st.add_argument("--scheduler", choices=["ddim", "ddpm"], default=None, help="default: the run's calibration sampler")
+    st.add_argument("--steps", type=int, default=None)
+    st.add_argument("--eta", type=float, default=None)
+    st.add_argument("--guidance", type=float, default=None)
+    st.add_argument("--act-bits", type=_labels, default=None, help="bit-widths to collect for (default: all calibrated)")
+    st.add_argument("--noise-samples", type=int, default=None, help="default: the run's, else 256")
+    st.add_argument("--seed", type=int, default=None, help="default: the run's noise seed, else 2000")
+    st.add_argument("--keep-negative-k", action="store_true", help="do not clamp k_t at 0")
+    st.add_argument("--mean-of", choices=["error", "residual"], default="error", help="what μ_t averages (official: error)")
+    st.add_argument("--batch-size", type=int, default=250)
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("report", help="plots and a markdown summary of a run's noise statistics")
+    r.add_argument("run", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="directory for report.md and PNGs (default: RUN/report)")
 
     e = sub.add_parser("evaluate", help="sample-quality metrics of a samples .npz")
     e.add_argument("samples", type=Path)
@@ -107,19 +145,34 @@ def _run(args: argparse.Namespace) -> int:
         if (args.run is None) == (args.model is None):
             raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
         guidance = args.guidance
+        plan = None
         if args.run is not None:
-            run = load_run(args.run)
-            if args.act_bits is not None:
-                run.set_act_bits(args.act_bits)
-            model = run.model
+            from ptqd.correction import plan_sampling
+
+            run = load_run(args.run).to(args.device)
             if guidance is None:
                 guidance = run.config["calibration"].get("guidance") or 1.0
+            config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
+            correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
+            from ptqd.correction import DEFAULT_CRITERION
+
+            plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
+            model = plan.model
+            for note in plan.record.get("notes", []):
+                print(f"note: {note}")
+            if "bit_schedule" in plan.record:
+                print(f"activation bits per step: {plan.record['bit_schedule']}")
         else:
-            if args.act_bits is not None:
-                raise PtqdError("--act-bits needs a quantization run directory")
-            model = load(args.model)
-        config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
-        samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress)
+            if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
+                raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
+            model = load(args.model).to(args.device)
+            config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
+        samples = sample(
+            model, args.num, config, labels=args.labels, progress=not args.no_progress,
+            denoise=plan.denoise if plan else None, corrector=plan.corrector if plan else None,
+        )
+        if plan is not None:
+            samples.config.update(plan.record)
         path = save_samples(samples, args.out)
         print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
     elif args.command == "evaluate":
@@ -136,6 +189,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     elif args.command == "quantize":
         _quantize(args)
+    elif args.command == "stats":
+        _stats(args)
+    elif args.command == "report":
+        from ptqd.report import write_report
+
+        path = write_report(args.run, args.out)
+        print(f"wrote {path}")
     elif args.command == "demo":
         from ptqd.demo import run_demo
 
@@ -181,7 +241,8 @@ def _quantize(args: argparse.Namespace) -> None:
     sampler = SamplerConfig(args.scheduler, args.steps, args.eta, guidance)
     run = quantize(
         model, config, args.method, options, args.calib_samples, args.calib_steps, sampler, args.calib_seed,
-        out=args.out, progress=not args.no_progress,
+        out=args.out, progress=not args.no_progress, noise_samples=args.noise_samples, noise_seed=args.noise_seed,
+        mixed_precision=args.mixed_precision,
     )
     s = run.summary
     row = {
@@ -195,6 +256,49 @@ def _quantize(args: argparse.Namespace) -> None:
     }
     print(format_table([row], list(row)[1:]))
     print(f"wrote {args.out}/config.json, quant_state.safetensors, summary.json")
+    if run.stats is not None:
+        _print_stats(run, run.stats)
+
+
+def _stats(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from ptqd.correction import StatsRequest, collect_stats
+    from ptqd.runs import load_run
+    from ptqd.sampling import SamplerConfig
+
+    run = load_run(args.run).to(args.device)
+    cal = run.config["calibration"]
+    ptqd_cfg = run.config.get("ptqd") or {}
+    sampler = SamplerConfig(
+        args.scheduler or cal["scheduler"],
+        args.steps or cal["steps"],
+        cal["eta"] if args.eta is None else args.eta,
+        (cal.get("guidance") or 1.0) if args.guidance is None else args.guidance,
+        batch_size=args.batch_size,
+    )
+    seed = args.seed if args.seed is not None else ptqd_cfg.get("noise_seed", 2000)
+    request = StatsRequest(
+        sampler=dataclasses.replace(sampler, seed=seed),
+        num_samples=args.noise_samples or ptqd_cfg.get("noise_samples", 256),
+        bits=args.act_bits or [],
+        seed=seed,
+        clamp_k=not args.keep_negative_k,
+        mean_of=args.mean_of,
+    )
+    stats = collect_stats(run, request, out=args.run, progress=not args.no_progress)
+    _print_stats(run, stats)
+
+
+def _print_stats(run, stats) -> None:
+    from ptqd.metrics import format_table
+
+    rows = []
+    for b in stats.bits:
+        for row in stats.table(b)[:: max(1, len(stats.timesteps) // 10)]:
+            rows.append({"name": f"A{b} t={row['t']}", **{k: row[k] for k in ("k", "r", "sigma", "rel_err")}})
+    print(format_table(rows, ["k", "r", "sigma", "rel_err"]))
+    print(f"wrote {stats.path} (+ .json); plots: `ptqd report {run.path}`")
 
 
 if __name__ == "__main__":

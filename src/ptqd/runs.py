@@ -40,7 +40,8 @@ from ptqd.models.loading import DiffusionModel, load
 from ptqd.quant.wrap import QuantConfig, find_unsupported, load_quant_state, quant_layers, quant_state, set_act_bits, wrap_model
 from ptqd.sampling import SamplerConfig
 
-SCALE_DEFAULTS = {"naive": "minmax", "qdiff": "mse"}
+SCALE_DEFAULTS = {"naive": "minmax", "qdiff": "mse", "ptqd": "mse"}
+METHODS = ("naive", "qdiff", "ptqd")  # ptqd = qdiff calibration + noise statistics + correction when sampling
 
 
 @dataclass
@@ -52,6 +53,7 @@ class QuantizedRun:
     config: dict[str, Any]
     path: Path | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: Any = None  # NoiseStats of a PTQD run collected in this process (also saved in the run directory)
 
     @property
     def model(self) -> DiffusionModel:
@@ -67,6 +69,12 @@ class QuantizedRun:
     def set_act_bits(self, bits: int) -> None:
         set_act_bits(self.qnet, bits)
 
+    def to(self, device: str | torch.device) -> "QuantizedRun":
+        """Move the FP and the quantized network to ``device`` (in place); returns self."""
+        self.fp.to(device)
+        self.qnet.to(device)
+        return self
+
 
 def example_forward(model: DiffusionModel, batch: int = 1):
     """A function running one denoiser forward on a fixed input (for split detection and BOPs)."""
@@ -75,7 +83,9 @@ def example_forward(model: DiffusionModel, batch: int = 1):
     y = torch.zeros(batch, dtype=torch.long) if model.conditional else None
 
     def run(net: nn.Module):
-        return model.denoise(x, torch.tensor(500), y, 1.0, unet=net)
+        p = next(net.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        return model.denoise(x.to(dev), torch.tensor(500), y.to(dev) if y is not None else None, 1.0, unet=net)
 
     return run
 
@@ -119,16 +129,45 @@ def quantize(
     calib_seed: int = CALIB_SEED,
     out: str | Path | None = None,
     progress: bool = True,
+    noise_samples: int = 256,
+    noise_seed: int | None = None,
+    mixed_precision: list[int] | None = None,
 ) -> QuantizedRun:
     """Quantize ``model`` and calibrate it with ``method``; write a run directory when ``out`` is given.
 
     ``sampler`` is the sampler the calibration trajectories follow (use the one you will sample
     with; default DDIM 50 steps, eta 1, guidance 3 for conditional models).
+
+    ``method="ptqd"``: ``qdiff`` calibration, then noise statistics of ``noise_samples`` FP
+    trajectories of the same sampler (PTQD Algorithm 1), saved in the run directory; with
+    ``mixed_precision`` (e.g. [4, 8]) the activations are calibrated and the statistics collected for
+    each of those bit-widths, and sampling picks one per step.
     """
+    from ptqd.correction.stats import STATS_SEED
+
+    if method not in METHODS:
+        raise PtqdError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     fp = model if isinstance(model, DiffusionModel) else load(model)
-    options = dataclasses.replace(options or CalibrationOptions(), method=method)
+    config = config or QuantConfig()
+    ptqd_cfg = None
+    if method == "ptqd":
+        if mixed_precision:
+            bits = sorted(set(mixed_precision))
+            if len(bits) < 2:
+                raise PtqdError(f"--mixed-precision needs two or more bit-widths, got {mixed_precision}")
+            config = dataclasses.replace(config, act_bits=bits[-1], extra_act_bits=sorted(set(config.extra_act_bits) | set(bits[:-1])))
+        if noise_samples < 2:
+            raise PtqdError(f"noise statistics need at least 2 samples, got {noise_samples}")
+        ptqd_cfg = {
+            "noise_samples": noise_samples,
+            "noise_seed": STATS_SEED if noise_seed is None else noise_seed,
+            "mixed_precision": sorted(set(mixed_precision)) if mixed_precision else None,
+        }
+    elif mixed_precision:
+        raise PtqdError("--mixed-precision needs --method ptqd (it chooses bit-widths from noise statistics)")
+    options = dataclasses.replace(options or CalibrationOptions(), method="qdiff" if method == "ptqd" else method)
     options.validate()
-    config = resolve_config(config or QuantConfig(), method)
+    config = resolve_config(config, method)
     config.validate()
     sampler = sampler or SamplerConfig(guidance=3.0 if fp.conditional else 1.0)
     sampler = dataclasses.replace(sampler, seed=calib_seed)
@@ -142,12 +181,15 @@ def quantize(
         "options": asdict(options),
         "torch_threads": torch.get_num_threads(),
     }
+    if ptqd_cfg is not None:
+        run_config["ptqd"] = ptqd_cfg
     out = Path(out) if out is not None else None
     if out is not None:
         done = _existing_run(out, run_config)
         if done is not None:
             if progress:
                 print(f"{out} already holds this run; loading it")
+            _ptqd_stats(done, sampler, ptqd_cfg, out, progress)
             return done
 
     calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
@@ -159,7 +201,30 @@ def quantize(
     run = QuantizedRun(fp, qnet, run_config, out, summary)
     if out is not None:
         save_run(run, out)
+    _ptqd_stats(run, sampler, ptqd_cfg, out, progress)
     return run
+
+
+def _ptqd_stats(run: QuantizedRun, sampler: SamplerConfig, ptqd_cfg: dict | None, out: Path | None, progress: bool) -> None:
+    """Collect the noise statistics of a PTQD run (skipped when the run directory already has them)."""
+    if ptqd_cfg is None:
+        return
+    from ptqd.correction.apply import calibrated_bits, collect_stats
+    from ptqd.correction.stats import StatsRequest, stats_name
+
+    if out is not None and (out / stats_name(sampler, run.fp.conditional)).is_file():
+        return
+    request = StatsRequest(
+        sampler=dataclasses.replace(sampler, seed=ptqd_cfg["noise_seed"]),
+        num_samples=ptqd_cfg["noise_samples"],
+        bits=calibrated_bits(run),
+        seed=ptqd_cfg["noise_seed"],
+    )
+    t0 = time.perf_counter()
+    run.stats = collect_stats(run, request, out=out, progress=progress)
+    run.summary.setdefault("seconds", {})["noise_statistics"] = round(time.perf_counter() - t0, 2)
+    if out is not None:
+        write_json(out / "summary.json", run.summary)
 
 
 def _calibration_data(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
@@ -185,7 +250,7 @@ def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
     if not cfg_file.is_file():
         return None
     old = json.loads(cfg_file.read_text())
-    keys = ("model_fingerprint", "method", "quant", "calibration", "options")
+    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "ptqd")
     diff = [k for k in keys if old.get(k) != run_config.get(k)]
     if diff:
         raise PtqdError(

@@ -99,8 +99,14 @@ def sample(
     labels: list[int] | np.ndarray | None = None,
     progress: bool = True,
     denoise: DenoiseFn | None = None,
+    corrector=None,
 ) -> Samples:
-    """Generate ``num`` images. ``denoise(x, t, labels, guidance)`` defaults to ``model.denoise``."""
+    """Generate ``num`` images. ``denoise(x, t, labels, guidance)`` defaults to ``model.denoise``.
+
+    ``corrector`` (a :class:`ptqd.correction.Corrector`) takes each step instead of the scheduler
+    alone: it corrects the noise prediction and, with VSC, the sampler's noise. Sampling runs on the
+    device of the model's parameters; images come back on the CPU.
+    """
     from tqdm import tqdm
 
     config = config or SamplerConfig()
@@ -111,26 +117,33 @@ def sample(
     denoise = denoise or model.denoise
     guidance = config.guidance if model.conditional else 1.0
     shape = (model.channels, model.image_size, model.image_size)
+    param = next(model.unet.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     out = []
     n_batches = (num + config.batch_size - 1) // config.batch_size
     bar = tqdm(total=n_batches * config.steps, desc=f"sampling {model.name}", unit="step", disable=not progress)
     for b in range(n_batches):
         idx = range(b * config.batch_size, min(num, (b + 1) * config.batch_size))
         gens = sample_generators(config.seed, idx)
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        y = torch.from_numpy(label_arr[idx.start : idx.stop]) if label_arr is not None else None
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        y = torch.from_numpy(label_arr[idx.start : idx.stop]).to(device) if label_arr is not None else None
         scheduler = make_scheduler(model, config.scheduler, config.steps)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             eps = denoise(x, t, y, guidance)
-            kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
-            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+            if corrector is not None:
+                x = corrector.step(scheduler, eps, t, x, gens, eta=config.eta if config.scheduler == "ddim" else 0.0)
+            else:
+                kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
+                x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
             bar.update(1)
-        out.append(to_uint8(x))
+        out.append(to_uint8(x.cpu()))
     bar.close()
     record = {"model": model.name, "model_fingerprint": model.fingerprint(), "num": num, **asdict(config)}
     if not model.conditional:
         record["guidance"] = None
+    if corrector is not None:
+        record["correction"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
     return Samples(np.concatenate(out), label_arr, record)
 
 

@@ -63,6 +63,14 @@ class DiffusionModel:
         cond, uncond = out.chunk(2)
         return uncond + guidance * (cond - uncond)
 
+    def to(self, device: str | torch.device) -> "DiffusionModel":
+        """Move the denoiser to ``device`` (in place); returns self."""
+        try:
+            self.unet.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise PtqdError(f"cannot use device {device!r}: {e}") from e
+        return self
+
     def fingerprint(self) -> str:
         """Hash of the weights and config: statistics and artifacts record it to refuse mismatches."""
         h = hashlib.sha256()

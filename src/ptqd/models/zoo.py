@@ -23,7 +23,9 @@ UNET_CONFIG = dict(
     attention_head_dim=32,
 )
 
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=True)
+# clip_sample=False: clipping x̂_0 to [-1, 1] without re-deriving ε broke deterministic DDIM at guidance 3
+# (FD 703 vs 98 unclipped, 300 samples) and halved quality at eta 1 (FD 96 vs 44, 500 samples).
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
 
 
 def unet_config(name: str) -> dict:

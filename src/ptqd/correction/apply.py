@@ -1,0 +1,233 @@
+"""PTQD on a quantization run: collect its noise statistics, and set up corrected (mixed-precision) sampling.
+
+Statistics live in the run directory, one file per sampler setting
+(``noise_stats_ddim50_eta1_g3.safetensors`` + ``.json``): they depend on the trajectory, so eta,
+steps and guidance are part of what must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptqd.correction.corrector import Corrector, parse_parts
+from ptqd.correction.mixed import DEFAULT_CRITERION, bit_schedule, describe_schedule, sampling_bops
+from ptqd.correction.stats import (
+    NoiseStats,
+    StatsRequest,
+    check_stats,
+    collect_moments,
+    fit,
+    load_stats,
+    save_stats,
+    stats_meta,
+    stats_name,
+)
+from ptqd.errors import PtqdError
+from ptqd.models.loading import DiffusionModel
+from ptqd.quant.wrap import current_act_bits, quant_state, set_act_bits
+from ptqd.sampling import SamplerConfig, make_scheduler
+
+
+def quant_fingerprint(qnet: torch.nn.Module) -> str:
+    """Hash of every quantizer's state: statistics of one calibration are refused by another."""
+    h = hashlib.sha256()
+    for name, t in sorted(quant_state(qnet).items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibrated_bits(run) -> list[int]:
+    q = run.quant_config
+    return sorted({q.act_bits, *q.extra_act_bits})
+
+
+def expected_meta(run, sampler: SamplerConfig) -> dict[str, Any]:
+    """What statistics used with ``run`` and ``sampler`` must have been made with."""
+    fp = run.fp
+    return {
+        "model_fingerprint": fp.fingerprint(),
+        "quant_fingerprint": quant_fingerprint(run.qnet),
+        "weight_bits": run.quant_config.weight_bits,
+        "scheduler": sampler.scheduler,
+        "steps": sampler.steps,
+        "eta": float(sampler.eta) if sampler.scheduler == "ddim" else None,
+        "guidance": float(sampler.guidance) if fp.conditional else None,
+    }
+
+
+def collect_stats(run, request: StatsRequest, out: str | Path | None = None, progress: bool = True) -> NoiseStats:
+    """Algorithm 1 on ``run``: FP trajectories of ``request.sampler``, the quantized twin evaluated on
+    the same inputs at every step for each activation bit-width; fitted and (with ``out``, a run
+    directory) saved as ``stats_name(...)``. Resumes an interrupted collection."""
+    bits = sorted(request.bits or calibrated_bits(run))
+    have = calibrated_bits(run)
+    missing = [b for b in bits if b not in have]
+    if missing:
+        raise PtqdError(
+            f"the run was calibrated for {', '.join(map(str, have))}-bit activations, not {', '.join(map(str, missing))}; "
+            "quantize again with --extra-act-bits (or --mixed-precision)"
+        )
+    request = dataclasses.replace(request, bits=bits)
+    fp, qnet = run.fp, run.qnet
+    meta = stats_meta(fp, quant_fingerprint(qnet), run.quant_config.weight_bits, request)
+    path = Path(out) / stats_name(request.sampler, fp.conditional) if out is not None else None
+    partial = path.with_suffix(".partial.npz") if path is not None else None
+    before = current_act_bits(qnet)
+
+    def quantized(b, x, t, y, guidance):
+        set_act_bits(qnet, b)
+        return fp.denoise(x, t, y, guidance, unet=qnet)
+
+    try:
+        moments = collect_moments(
+            fp, quantized, bits, request.num_samples, request.sampler, request.seed, progress, partial, meta
+        )
+    finally:
+        if before is not None:
+            set_act_bits(qnet, before)
+    stats = fit(moments, request.clamp_k, request.mean_of, meta)
+    if path is not None:
+        save_stats(stats, path)
+        partial.unlink(missing_ok=True)
+    return stats
+
+
+def refit(stats: NoiseStats, clamp_k: bool = True, mean_of: str = "error") -> NoiseStats:
+    """The same statistics fitted with other options (needs the stored moments)."""
+    if stats.moments is None:
+        raise PtqdError(f"{stats.path} holds no moments to refit; collect the statistics again")
+    meta = {k: v for k, v in stats.meta.items() if k not in ("clamp_k", "mean_of")}
+    out = fit(stats.moments, clamp_k, mean_of, meta)
+    out.path = stats.path
+    return out
+
+
+def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
+    """The run's statistics for ``sampler``, checked against the run; a clear error when there are none."""
+    if run.path is None:
+        raise PtqdError("the run has no directory to hold noise statistics; quantize with --out DIR")
+    path = Path(run.path) / stats_name(sampler, run.fp.conditional)
+    if not path.is_file():
+        found = sorted(p.name for p in Path(run.path).glob("noise_stats_*.safetensors"))
+        g = f" --guidance {sampler.guidance:g}" if run.fp.conditional else ""
+        raise PtqdError(
+            f"{run.path} has no noise statistics for {sampler.scheduler} {sampler.steps} steps eta {sampler.eta:g}"
+            f"{' guidance ' + format(sampler.guidance, 'g') if run.fp.conditional else ''} (found: {', '.join(found) or 'none'}); "
+            f"collect them with `ptqd stats {run.path} --scheduler {sampler.scheduler} --steps {sampler.steps} --eta {sampler.eta:g}{g}`"
+        )
+    stats = load_stats(path)
+    check_stats(stats, expected_meta(run, sampler))
+    return stats
+
+
+def schedule_for(run, stats: NoiseStats, sampler: SamplerConfig, candidates=None, criterion=DEFAULT_CRITERION, low_steps=None) -> dict[int, int]:
+    sched = make_scheduler(run.fp, sampler.scheduler, sampler.steps)
+    return bit_schedule(stats, sched.alphas_cumprod.numpy(), sched.config.num_train_timesteps, candidates, criterion, low_steps)
+
+
+def bops_per_bits(run, bits: list[int]) -> dict[int, float]:
+    """BOPs of one denoiser forward (one image) at each activation bit-width."""
+    from ptqd.metrics.bops import count_bops
+    from ptqd.runs import example_forward
+
+    before = current_act_bits(run.qnet)
+    out = {}
+    try:
+        for b in bits:
+            set_act_bits(run.qnet, b)
+            out[b] = count_bops(run.qnet, example_forward(run.fp)).summary()["bops"]
+    finally:
+        if before is not None:
+            set_act_bits(run.qnet, before)
+    return out
+
+
+@dataclass
+class SamplingPlan:
+    """What ``sample`` needs for a (corrected, mixed-precision) quantized run, and what to record."""
+
+    model: DiffusionModel
+    denoise: Any
+    corrector: Corrector | None
+    record: dict[str, Any]
+
+
+def plan_sampling(
+    run,
+    sampler: SamplerConfig,
+    correct: str | list[str] | None = "all",
+    act_bits: int | str | None = None,
+    low_steps: int | None = None,
+    criterion: str = DEFAULT_CRITERION,
+) -> SamplingPlan:
+    """Corrections ``correct`` (none|all|subset of cnc,bc,vsc); ``act_bits`` an int, ``"mixed"``
+    (bit-width per step from the statistics) or None (the run's default: mixed for a PTQD run
+    calibrated for several bit-widths, else its act_bits). ``low_steps`` forces the first N steps to the
+    lowest bit-width."""
+    parts = parse_parts(correct)
+    bits_avail = calibrated_bits(run)
+    if act_bits is None:
+        act_bits = "mixed" if (run.config.get("ptqd", {}) or {}).get("mixed_precision") else run.quant_config.act_bits
+    if low_steps is not None:
+        act_bits = "mixed"
+    mixed = act_bits == "mixed"
+    if mixed and len(bits_avail) < 2:
+        raise PtqdError(
+            f"mixed precision needs a run calibrated for two or more activation bit-widths (this one: {bits_avail}); "
+            "quantize with --mixed-precision 4,8"
+        )
+    if not mixed:
+        try:
+            act_bits = int(act_bits)
+        except ValueError:
+            raise PtqdError(f"activation bits must be a number or 'mixed', got {act_bits!r}") from None
+        if act_bits not in bits_avail:
+            raise PtqdError(f"the run was calibrated for {bits_avail}-bit activations, not {act_bits}")
+    stats = find_stats(run, sampler) if (parts or mixed) else None
+    qnet, fp = run.qnet, run.fp
+    record: dict[str, Any] = {"correction": list(parts)}
+    if mixed:
+        schedule = schedule_for(run, stats, sampler, bits_avail, criterion, low_steps)
+        record["bit_schedule"] = describe_schedule(schedule)
+        record["bit_criterion"] = f"first {low_steps} steps low" if low_steps is not None else criterion
+    else:
+        set_act_bits(qnet, act_bits)
+        schedule = {int(t): act_bits for t in make_scheduler(fp, sampler.scheduler, sampler.steps).timesteps}
+        record["act_bits"] = act_bits
+    bops = bops_per_bits(run, sorted(set(schedule.values())))
+    cfg = 2 if fp.conditional and sampler.guidance != 1.0 else 1
+    record["sampling_bops"] = sampling_bops(bops, schedule, cfg)
+    record["bops_per_forward"] = {str(b): v for b, v in bops.items()}
+    model = run.model
+    if mixed:
+        def denoise(x, t, y, guidance):
+            set_act_bits(qnet, schedule[int(t)])
+            return fp.denoise(x, t, y, guidance, unet=qnet)
+    else:
+        denoise = model.denoise
+    corrector = None
+    if parts:
+        corrector = Corrector(stats, parts, bits_at=schedule)
+        record["notes"] = corrector.notes(sampler.scheduler, sampler.eta)
+    return SamplingPlan(model, denoise, corrector, record)
+
+
+def fp_sampling_bops(fp: DiffusionModel, sampler: SamplerConfig) -> float:
+    from ptqd.metrics.bops import count_bops
+    from ptqd.runs import example_forward
+
+    per = count_bops(fp.unet, example_forward(fp)).summary()["fp_bops"]
+    cfg = 2 if fp.conditional and sampler.guidance != 1.0 else 1
+    return float(per * sampler.steps * cfg)
+
+
+def schedule_array(schedule: dict[int, int]) -> np.ndarray:
+    return np.asarray([[t, b] for t, b in schedule.items()], dtype=np.int64)

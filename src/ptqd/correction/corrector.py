@@ -1,0 +1,176 @@
+"""Correction at sampling time: correlated-noise correction (CNC), bias correction (BC) and variance
+schedule calibration (VSC), over diffusers' DDPM and DDIM schedulers.
+
+* CNC + BC: ε_corr = (ε̂ − μ_t) / (1 + k_t) (official order: bias first, then the division; the paper
+  writes the division first, which differs only in μ's scaling). CNC alone divides, BC alone subtracts.
+* VSC: the residual noise left in ε_corr (std σ^q_t/(1+k_t) with CNC, σ^q_t without) enters x_{t−1}
+  through the coefficient c_t of ε in the update; the sampler's own noise is shrunk to
+  σ'_t² = max(σ_t² − c_t²·σ_res², 0).
+
+  - DDIM (any eta): σ'_t is passed through the scheduler's own ``eta`` argument
+    (eta' = σ'_t/√variance_t), so diffusers computes the step, and its direction term uses σ'_t, as
+    the official code does. c_t = √(1−ᾱ_{t−1}−σ_t²) − √(ᾱ_{t−1}(1−ᾱ_t)/ᾱ_t) uses the original σ_t
+    (official), which slightly over-corrects (by (c_t² − c'_t²)·σ_res², c'_t the coefficient with σ'_t).
+    eta = 0: no noise to shrink, VSC is a no-op (reported by :meth:`Corrector.notes`).
+  - DDPM: the scheduler takes the step with its own noise draw σ_t·z; the step's mean is recomputed
+    from the scheduler's alphas and its x̂_0 (clipped as the scheduler clips it), and the noise is
+    rescaled to σ'_t·z. c_t = β_t / (√α_t·√(1−ᾱ_t)) with the step's effective α_t = ᾱ_t/ᾱ_{t−1}.
+
+Both keep the random numbers drawn identical to uncorrected sampling, so runs with and without a
+correction differ only by the correction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ptqd.correction.stats import NoiseStats
+from ptqd.errors import PtqdError
+
+PARTS = ("cnc", "bc", "vsc")
+
+
+def parse_parts(text: str | list[str] | None) -> tuple[str, ...]:
+    """``none``, ``all`` or a comma-separated subset of cnc, bc, vsc → a tuple in canonical order."""
+    if text is None:
+        return ()
+    items = text if isinstance(text, list) else [s.strip().lower() for s in text.split(",") if s.strip()]
+    if items in (["none"], []):
+        return ()
+    if items == ["all"]:
+        return PARTS
+    bad = [p for p in items if p not in PARTS]
+    if bad:
+        raise PtqdError(f"unknown correction {', '.join(bad)}: use none, all, or a comma-separated subset of {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in items)
+
+
+def ddim_quantities(scheduler, t: int, eta: float) -> dict[str, float]:
+    """ᾱ_t, ᾱ_{t−1}, the DDIM variance at t, σ_t and the ε coefficient c_t of the DDIM update."""
+    t = int(t)
+    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = float(scheduler.alphas_cumprod[t])
+    a_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    sigma = eta * math.sqrt(max(variance, 0.0))
+    c = math.sqrt(max(1 - a_prev - sigma**2, 0.0)) - math.sqrt(a_prev * (1 - a_t) / a_t)
+    return {"alpha_bar": a_t, "alpha_bar_prev": a_prev, "variance": variance, "sigma": sigma, "c": c}
+
+
+def ddpm_quantities(scheduler, t: int) -> dict[str, float]:
+    """ᾱ_t, ᾱ_{t−1}, effective β_t, σ_t of the scheduler's variance type, c_t and the x̂_0/x_t mean coefficients."""
+    t = int(t)
+    prev = int(scheduler.previous_timestep(t))
+    a_t = float(scheduler.alphas_cumprod[t])
+    a_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.one)
+    alpha = a_t / a_prev
+    beta = 1 - alpha
+    kind = scheduler.config.variance_type
+    if t <= 0:
+        var = 0.0  # diffusers adds no noise at the last step
+    elif kind in ("fixed_small", "fixed_small_log"):
+        var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    elif kind == "fixed_large":
+        var = beta
+    else:
+        raise PtqdError(f"variance schedule calibration supports DDPM variance_type fixed_small/fixed_large, not {kind!r}")
+    return {
+        "alpha_bar": a_t,
+        "alpha_bar_prev": a_prev,
+        "beta": beta,
+        "variance": var,
+        "sigma": math.sqrt(var),
+        "c": beta / (math.sqrt(alpha) * math.sqrt(1 - a_t)),
+        "coef_x0": math.sqrt(a_prev) * beta / (1 - a_t),
+        "coef_xt": math.sqrt(alpha) * (1 - a_prev) / (1 - a_t),
+    }
+
+
+@dataclass
+class Corrector:
+    """Applies the chosen parts with the statistics of the activation bit-width used at each step.
+
+    ``bits_at``: timestep → activation bit-width (mixed precision); default the single bit-width of
+    ``act_bits``.
+    """
+
+    stats: NoiseStats
+    parts: tuple[str, ...] = PARTS
+    act_bits: int | None = None
+    bits_at: dict[int, int] | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.parts = parse_parts(list(self.parts))
+        if self.bits_at is None:
+            bits = self.act_bits if self.act_bits is not None else self.stats.bits[0]
+            self.stats.bit(bits)
+            self.bits_at = {t: bits for t in self.stats.timesteps}
+        for b in set(self.bits_at.values()):
+            self.stats.bit(b)
+        self._cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _params(self, t: int) -> dict[str, Any]:
+        return self.stats.step(self.bits_at[int(t)], int(t))
+
+    def correct_eps(self, eps: torch.Tensor, t) -> torch.Tensor:
+        """CNC and/or BC on the (guided) quantized noise prediction."""
+        p = self._params(int(t))
+        if "bc" in self.parts:
+            mu = torch.as_tensor(p["mu"], dtype=eps.dtype, device=eps.device).view(1, -1, 1, 1)
+            eps = eps - mu
+        if "cnc" in self.parts:
+            eps = eps / (1.0 + p["k"])
+        return eps
+
+    def residual_std(self, t) -> float:
+        p = self._params(int(t))
+        return p["sigma"] / (1.0 + p["k"]) if "cnc" in self.parts else p["sigma"]
+
+    def step(self, scheduler, eps: torch.Tensor, t, x: torch.Tensor, generators, eta: float = 0.0) -> torch.Tensor:
+        """One sampler step with the corrected ε and, with VSC, the shrunk sampler noise."""
+        eps = self.correct_eps(eps, t)
+        kind = type(scheduler).__name__
+        if kind.startswith("DDIM"):
+            if "vsc" not in self.parts or eta == 0:
+                return scheduler.step(eps, t, x, eta=eta, generator=generators).prev_sample
+            q = ddim_quantities(scheduler, t, eta)
+            new_sigma = self._shrunk(q, t)
+            new_eta = new_sigma / math.sqrt(q["variance"]) if q["variance"] > 0 else 0.0
+            return scheduler.step(eps, t, x, eta=new_eta, generator=generators).prev_sample
+        if kind.startswith("DDPM"):
+            out = scheduler.step(eps, t, x, generator=generators)
+            if "vsc" not in self.parts:
+                return out.prev_sample
+            q = ddpm_quantities(scheduler, t)
+            if q["sigma"] == 0:
+                return out.prev_sample
+            new_sigma = self._shrunk(q, t)
+            mean = q["coef_x0"] * out.pred_original_sample + q["coef_xt"] * x
+            return mean + (new_sigma / q["sigma"]) * (out.prev_sample - mean)
+        raise PtqdError(f"PTQD correction supports DDIM and DDPM schedulers, not {kind}")
+
+    def _shrunk(self, q: dict[str, float], t) -> float:
+        res = self.residual_std(t)
+        var = q["sigma"] ** 2 - q["c"] ** 2 * res**2
+        new = math.sqrt(var) if var > 0 else 0.0
+        self.log.append({"t": int(t), "sigma": q["sigma"], "sigma_vsc": new, "c": q["c"], "residual_std": res})
+        return new
+
+    def notes(self, scheduler: str, eta: float) -> list[str]:
+        """What the run summary should say about parts that cannot act with this sampler."""
+        notes = []
+        if "vsc" in self.parts and scheduler == "ddim" and eta == 0:
+            notes.append("vsc is a no-op: deterministic DDIM (eta=0) has no sampler noise to shrink; cnc/bc still apply")
+        return notes
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "parts": list(self.parts),
+            "statistics": str(self.stats.path) if self.stats.path else None,
+            "bit_schedule": {str(t): b for t, b in self.bits_at.items()} if len(set(self.bits_at.values())) > 1 else None,
+        }

@@ -1,0 +1,400 @@
+"""Quantization-noise statistics (PTQD Algorithm 1).
+
+The FP sampler drives N trajectories; at every step the FP and the quantized denoiser see the same
+x_t (same labels and guidance) and the error Δε = ε̂ − ε is split into a part correlated with the FP
+output and a residual: Δε = k_t·ε + Δε'. Collection streams: only per-sample moments are kept
+(sums of ε, Δε, ε², Δε², ε·Δε over each sample, and per-channel sums), never the ε tensors, and the
+fit is a pure function of those moments, so other fit options need no new collection.
+
+Fit per step (official PTQD code where the paper is vague):
+
+* ``k``: least-squares slope of Δε on ε over all elements (scipy ``linregress``' slope), clamped at 0
+  from below unless ``clamp_k=False``; ``k_raw`` keeps the unclamped value.
+* ``mu[c]``: per-channel mean of the total error Δε (``mean_of="error"``, official) or of the residual
+  Δε − kε (``mean_of="residual"``).
+* ``sigma``: mean over samples of each sample's (unbiased) std of Δε − kε (official).
+* ``r``: correlation coefficient of Δε and ε; ``fp_var``: variance of the FP output;
+  ``rel_err``: RMS(Δε)/RMS(ε), to spot steps (t≈0) where the fit is not to be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ptqd import __version__
+from ptqd.errors import PtqdError
+from ptqd.io import atomic_path, write_json
+from ptqd.models.loading import DiffusionModel
+from ptqd.sampling import SamplerConfig, default_labels, make_scheduler, sample_generators
+
+STATS_SEED = 2000  # differs from calibration (1000) and evaluation seeds (0, 1, 2, …)
+MOMENTS = ("s_e", "s_d", "s_ee", "s_dd", "s_ed")  # per sample, over all elements
+MEAN_OF = ("error", "residual")
+# metadata that must agree between statistics and the sampling run that uses them
+MATCH_KEYS = ("model_fingerprint", "quant_fingerprint", "weight_bits", "scheduler", "steps", "eta", "guidance")
+
+
+@dataclass
+class NoiseMoments:
+    """Per-sample sums for each (bit-width, step): ``m[name]`` has shape (bits, steps, N) for the
+    scalar moments and (bits, steps, N, C) for ``c_e``/``c_d`` (per-channel sums of ε and Δε)."""
+
+    bits: list[int]
+    timesteps: list[int]
+    elements: int  # C·H·W per sample
+    channels: int
+    m: dict[str, np.ndarray]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.m["s_e"].shape[2])
+
+
+@dataclass
+class NoiseStats:
+    """Fitted per-step statistics for each activation bit-width (arrays indexed [bit, step(, channel)])."""
+
+    meta: dict[str, Any]
+    bits: list[int]
+    timesteps: list[int]  # the sampler's timesteps, in sampling order (noisiest first)
+    k: np.ndarray
+    k_raw: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    r: np.ndarray
+    fp_var: np.ndarray
+    rel_err: np.ndarray
+    moments: NoiseMoments | None = None
+    path: Path | None = None
+
+    def index(self, t: int) -> int:
+        try:
+            return self._tindex[int(t)]
+        except AttributeError:
+            self._tindex = {int(v): i for i, v in enumerate(self.timesteps)}
+            return self.index(t)
+        except KeyError:
+            raise PtqdError(
+                f"timestep {int(t)} is not among the {len(self.timesteps)} steps these noise statistics were "
+                f"collected at ({self.meta.get('scheduler')}, {self.meta.get('steps')} steps)"
+            ) from None
+
+    def bit(self, bits: int) -> int:
+        if bits not in self.bits:
+            raise PtqdError(
+                f"no noise statistics for {bits}-bit activations (collected for {', '.join(map(str, self.bits))}); "
+                "collect them with `ptqd stats RUN --act-bits ...`"
+            )
+        return self.bits.index(bits)
+
+    def step(self, bits: int, t: int) -> dict[str, Any]:
+        """k, mu (C,), sigma of one step and bit-width."""
+        b, s = self.bit(bits), self.index(t)
+        return {"k": float(self.k[b, s]), "mu": self.mu[b, s], "sigma": float(self.sigma[b, s])}
+
+    def table(self, bits: int) -> list[dict[str, Any]]:
+        b = self.bit(bits)
+        return [
+            {
+                "t": t,
+                "k": float(self.k[b, i]),
+                "k_raw": float(self.k_raw[b, i]),
+                "r": float(self.r[b, i]),
+                "sigma": float(self.sigma[b, i]),
+                "mu": [float(v) for v in self.mu[b, i]],
+                "fp_var": float(self.fp_var[i]),
+                "rel_err": float(self.rel_err[b, i]),
+            }
+            for i, t in enumerate(self.timesteps)
+        ]
+
+
+def fit(moments: NoiseMoments, clamp_k: bool = True, mean_of: str = "error", meta: dict | None = None) -> NoiseStats:
+    """Fit k, μ, σ, r per (bit-width, step) from streamed moments (see module docstring)."""
+    if mean_of not in MEAN_OF:
+        raise PtqdError(f"mean_of must be one of {', '.join(MEAN_OF)}, got {mean_of!r}")
+    m = {k: v.astype(np.float64) for k, v in moments.m.items()}
+    n_el = moments.elements
+    total = n_el * moments.num_samples
+    mean_e = m["s_e"].sum(-1) / total
+    mean_d = m["s_d"].sum(-1) / total
+    var_e = m["s_ee"].sum(-1) / total - mean_e**2
+    var_d = m["s_dd"].sum(-1) / total - mean_d**2
+    cov = m["s_ed"].sum(-1) / total - mean_e * mean_d
+    var_e = np.maximum(var_e, 1e-30)
+    k_raw = cov / var_e
+    k = np.maximum(k_raw, 0.0) if clamp_k else k_raw
+    r = cov / np.sqrt(var_e * np.maximum(var_d, 1e-30))
+    # per-sample std of the residual d - k e, from that sample's moments
+    kk = k[..., None]
+    mean_res = (m["s_d"] - kk * m["s_e"]) / n_el
+    ss = m["s_dd"] - 2 * kk * m["s_ed"] + kk**2 * m["s_ee"]
+    var_res = np.maximum(ss - n_el * mean_res**2, 0.0) / max(n_el - 1, 1)
+    sigma = np.sqrt(var_res).mean(-1)
+    per_ch = moments.num_samples * (n_el // moments.channels)
+    mu = m["c_d"].sum(2) / per_ch
+    if mean_of == "residual":
+        mu = mu - k[..., None] * m["c_e"].sum(2) / per_ch
+    rel_err = np.sqrt((m["s_dd"].sum(-1) / total) / np.maximum(m["s_ee"].sum(-1) / total, 1e-30))
+    meta = dict(meta or {})
+    meta.update({"clamp_k": clamp_k, "mean_of": mean_of})
+    return NoiseStats(
+        meta=meta,
+        bits=list(moments.bits),
+        timesteps=list(moments.timesteps),
+        k=k,
+        k_raw=k_raw,
+        mu=mu,
+        sigma=sigma,
+        r=r,
+        fp_var=var_e[0],
+        rel_err=rel_err,
+        moments=moments,
+    )
+
+
+def sample_moments(eps: torch.Tensor, err: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-sample moment sums of FP output ``eps`` and error ``err`` (both (B, C, H, W))."""
+    e = eps.detach().double().flatten(2)
+    d = err.detach().double().flatten(2)
+    return {
+        "s_e": e.sum((1, 2)).cpu().numpy(),
+        "s_d": d.sum((1, 2)).cpu().numpy(),
+        "s_ee": (e * e).sum((1, 2)).cpu().numpy(),
+        "s_dd": (d * d).sum((1, 2)).cpu().numpy(),
+        "s_ed": (e * d).sum((1, 2)).cpu().numpy(),
+        "c_e": e.sum(2).cpu().numpy(),
+        "c_d": d.sum(2).cpu().numpy(),
+    }
+
+
+def _device(model: DiffusionModel) -> torch.device:
+    p = next(model.unet.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def collect_moments(
+    model: DiffusionModel,
+    quantized: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor],
+    bits: list[int],
+    num_samples: int,
+    sampler: SamplerConfig,
+    seed: int = STATS_SEED,
+    progress: bool = True,
+    partial: Path | None = None,
+    meta: dict | None = None,
+) -> NoiseMoments:
+    """Drive ``num_samples`` FP trajectories with ``sampler`` and record, at every step, the moments of
+    the error of ``quantized(bits, x, t, labels, guidance)`` (guided output) for each bit-width.
+
+    With ``partial`` (a file path), finished batches are saved there and a rerun resumes after them.
+    """
+    from tqdm import tqdm
+
+    if num_samples < 2:
+        raise PtqdError(f"noise statistics need at least 2 samples, got {num_samples}")
+    sampler.validate()
+    guidance = sampler.guidance if model.conditional else 1.0
+    labels = default_labels(model, num_samples)
+    shape = (model.channels, model.image_size, model.image_size)
+    timesteps = [int(t) for t in make_scheduler(model, sampler.scheduler, sampler.steps).timesteps]
+    chunks: list[dict[str, np.ndarray]] = []
+    done = 0
+    if partial is not None and partial.is_file():
+        chunks, done = _load_partial(partial, meta or {})
+        if progress and done:
+            print(f"resuming noise statistics from {partial}: {done}/{num_samples} samples done")
+    device = _device(model)
+    n_batches = max(0, (num_samples - done + sampler.batch_size - 1) // sampler.batch_size)
+    bar = tqdm(total=n_batches * len(timesteps), desc="noise statistics", unit="step", disable=not progress)
+    start = done
+    while start < num_samples:
+        idx = range(start, min(num_samples, start + sampler.batch_size))
+        gens = sample_generators(seed, idx)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        y = torch.from_numpy(labels[idx.start : idx.stop]).to(device) if labels is not None else None
+        scheduler = make_scheduler(model, sampler.scheduler, sampler.steps)
+        x = x * scheduler.init_noise_sigma
+        per_step: list[list[dict[str, np.ndarray]]] = []
+        for t in scheduler.timesteps:
+            eps = model.denoise(x, t, y, guidance)
+            row = [sample_moments(eps, quantized(b, x, t, y, guidance) - eps) for b in bits]
+            per_step.append(row)
+            kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
+            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+            bar.update(1)
+        chunk = {
+            name: np.stack([np.stack([per_step[s][b][name] for s in range(len(timesteps))]) for b in range(len(bits))])
+            for name in per_step[0][0]
+        }
+        chunks.append(chunk)
+        start = idx.stop
+        if partial is not None:
+            _save_partial(partial, chunks, start, meta or {})
+    bar.close()
+    m = {name: np.concatenate([c[name] for c in chunks], axis=2) for name in chunks[0]}
+    return NoiseMoments(list(bits), timesteps, int(np.prod(shape)), shape[0], m)
+
+
+def _save_partial(path: Path, chunks, done: int, meta: dict) -> None:
+    arrays = {f"{i}.{k}": v for i, c in enumerate(chunks) for k, v in c.items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays, meta=np.array(json.dumps({**meta, "done": done})))
+
+
+def _load_partial(path: Path, meta: dict):
+    try:
+        z = np.load(path, allow_pickle=False)
+        saved = json.loads(str(z["meta"]))
+    except Exception:
+        return [], 0  # unreadable leftovers: start again
+    done = saved.pop("done", 0)
+    if saved != json.loads(json.dumps(meta)):
+        return [], 0  # made for other settings: start again
+    chunks: dict[int, dict[str, np.ndarray]] = {}
+    for key in z.files:
+        if key == "meta":
+            continue
+        i, name = key.split(".", 1)
+        chunks.setdefault(int(i), {})[name] = z[key]
+    return [chunks[i] for i in sorted(chunks)], int(done)
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def save_stats(stats: NoiseStats, path: str | Path) -> Path:
+    """Write ``path`` (.safetensors: moments and fitted arrays) and ``path`` with .json (metadata and a
+    per-step table), both atomically."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    arrays = {
+        "timesteps": np.asarray(stats.timesteps, dtype=np.int64),
+        "bits": np.asarray(stats.bits, dtype=np.int64),
+        "k": stats.k,
+        "k_raw": stats.k_raw,
+        "mu": stats.mu,
+        "sigma": stats.sigma,
+        "r": stats.r,
+        "fp_var": stats.fp_var,
+        "rel_err": stats.rel_err,
+    }
+    meta = dict(stats.meta)
+    if stats.moments is not None:
+        arrays.update({f"moments.{k}": v for k, v in stats.moments.m.items()})
+        meta["elements"] = stats.moments.elements
+        meta["channels"] = stats.moments.channels
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float64 if v.dtype.kind == "f" else v.dtype) for k, v in arrays.items()}
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp), metadata={"ptqd_noise_stats": json.dumps(meta)})
+    write_json(path.with_suffix(".json"), {"meta": meta, "steps": {str(b): stats.table(b) for b in stats.bits}})
+    stats.path = path
+    return path
+
+
+def load_stats(path: str | Path) -> NoiseStats:
+    """Read a statistics file written by :func:`save_stats`; clear errors for missing or damaged files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PtqdError(f"noise statistics file {path} does not exist; collect it with `ptqd stats RUN`")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta_text = (f.metadata() or {}).get("ptqd_noise_stats")
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise PtqdError(f"{path} is not a readable noise statistics file ({e}); collect it again with `ptqd stats RUN`") from e
+    if meta_text is None:
+        raise PtqdError(f"{path} is a safetensors file but not ptqd noise statistics (no 'ptqd_noise_stats' metadata)")
+    meta = json.loads(meta_text)
+    need = ("timesteps", "bits", "k", "k_raw", "mu", "sigma", "r", "fp_var", "rel_err")
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise PtqdError(f"{path} lacks {', '.join(missing)}; collect the statistics again with `ptqd stats RUN`")
+    moments = None
+    if "moments.s_e" in arrays:
+        m = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("moments.")}
+        moments = NoiseMoments(
+            [int(b) for b in arrays["bits"]], [int(t) for t in arrays["timesteps"]], int(meta["elements"]), int(meta["channels"]), m
+        )
+    return NoiseStats(
+        meta=meta,
+        bits=[int(b) for b in arrays["bits"]],
+        timesteps=[int(t) for t in arrays["timesteps"]],
+        k=arrays["k"],
+        k_raw=arrays["k_raw"],
+        mu=arrays["mu"],
+        sigma=arrays["sigma"],
+        r=arrays["r"],
+        fp_var=arrays["fp_var"],
+        rel_err=arrays["rel_err"],
+        moments=moments,
+        path=path,
+    )
+
+
+def check_stats(stats: NoiseStats, expected: dict[str, Any], bits: list[int] | None = None) -> None:
+    """Refuse statistics made for another model, quantized network or sampler: name the field that differs."""
+    where = f"noise statistics {stats.path}" if stats.path else "noise statistics"
+    for key in MATCH_KEYS:
+        if key not in expected:
+            continue
+        have, want = stats.meta.get(key), expected[key]
+        if isinstance(have, float) or isinstance(want, float):
+            same = have is not None and want is not None and abs(float(have) - float(want)) < 1e-9
+        else:
+            same = have == want
+        if not same:
+            raise PtqdError(
+                f"{where} do not match: {key} is {have!r} there but {want!r} here; "
+                "collect statistics for this setting with `ptqd stats RUN` (with the same --scheduler/--steps/--eta/--guidance)"
+            )
+    for b in bits or []:
+        stats.bit(b)
+
+
+def stats_name(sampler: SamplerConfig, conditional: bool) -> str:
+    """File name of the statistics of one sampler setting inside a run directory."""
+    g = f"_g{sampler.guidance:g}" if conditional else ""
+    return f"noise_stats_{sampler.scheduler}{sampler.steps}_eta{sampler.eta:g}{g}.safetensors"
+
+
+@dataclass
+class StatsRequest:
+    """What to collect: which sampler, how many trajectories, which activation bit-widths."""
+
+    sampler: SamplerConfig
+    num_samples: int = 256
+    bits: list[int] = field(default_factory=list)
+    seed: int = STATS_SEED
+    clamp_k: bool = True
+    mean_of: str = "error"
+
+
+def stats_meta(model: DiffusionModel, quant_fingerprint: str, weight_bits: int, request: StatsRequest) -> dict[str, Any]:
+    s = request.sampler
+    return {
+        "ptqd": __version__,
+        "model": model.name,
+        "model_fingerprint": model.fingerprint(),
+        "quant_fingerprint": quant_fingerprint,
+        "weight_bits": weight_bits,
+        "act_bits": list(request.bits),
+        "scheduler": s.scheduler,
+        "steps": s.steps,
+        "eta": float(s.eta) if s.scheduler == "ddim" else None,
+        "guidance": float(s.guidance) if model.conditional else None,
+        "num_samples": request.num_samples,
+        "seed": request.seed,
+        "batch_size": s.batch_size,
+    }

@@ -1,0 +1,151 @@
+"""``ptqd report RUN``: plots of a run's noise statistics and bit schedule, and a markdown summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ptqd.correction.mixed import CRITERIA, DEFAULT_CRITERION, describe_schedule
+from ptqd.correction.stats import NoiseStats, load_stats
+from ptqd.io import atomic_path, write_json
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_stats(stats: NoiseStats, out: Path, prefix: str) -> list[Path]:
+    """k_t, r_t, σ^q_t, μ_t per channel (one panel each, a line per bit-width) → ``prefix``_stats.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(stats.timesteps)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for i, b in enumerate(stats.bits):
+        axes[0, 0].plot(t, stats.k[i], label=f"A{b} k (used)")
+        axes[0, 0].plot(t, stats.k_raw[i], "--", alpha=0.5, label=f"A{b} k (fit)")
+        axes[0, 1].plot(t, stats.r[i], label=f"A{b}")
+        axes[1, 0].semilogy(t, stats.sigma[i], label=f"A{b} σ^q")
+        for c in range(stats.mu.shape[-1]):
+            axes[1, 1].plot(t, stats.mu[i, :, c], label=f"A{b} ch{c}")
+    axes[1, 0].semilogy(t, np.sqrt(stats.fp_var), "k:", label="FP output std")
+    titles = ["k_t (correlated part)", "r_t (corr. of Δε with ε)", "σ^q_t (residual std)", "μ_t per channel (bias)"]
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("timestep t")
+        ax.invert_xaxis()
+    fig.suptitle(_title(stats))
+    path = out / f"{prefix}_stats.png"
+    _save(fig, path)
+    return [path]
+
+
+def plot_snr(table: dict, schedule: dict[int, int] | None, out: Path, prefix: str, title: str) -> Path:
+    """SNR^F(t), SNR^F(t_prev) and SNR^Q_b(t) per bit-width, and the chosen bit schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table["t"]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    a1.semilogy(t, table["snr_fp"], "k-", label="SNR^F(t)")
+    a1.semilogy(t, table["snr_fp_prev"], "k:", label="SNR^F(previous step)")
+    for b, v in table["snr_q"].items():
+        line = a1.semilogy(t, v, label=f"SNR^Q A{b} (snr)")[0]
+        a1.semilogy(t, table["snr_q_unscaled"][b], "--", color=line.get_color(), label=f"SNR^Q A{b} (snr-unscaled)")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    a1.set_title("signal-to-noise ratio per step")
+    if schedule:
+        a2.step(list(schedule), list(schedule.values()), where="mid")
+        a2.set_yticks(sorted(set(schedule.values())))
+    a2.set_ylabel("act bits")
+    a2.set_xlabel("timestep t")
+    a2.invert_xaxis()
+    a2.grid(alpha=0.3)
+    fig.suptitle(title)
+    path = out / f"{prefix}_snr.png"
+    _save(fig, path)
+    return path
+
+
+def _title(stats: NoiseStats) -> str:
+    m = stats.meta
+    g = f" g {m['guidance']:g}" if m.get("guidance") else ""
+    return f"W{m.get('weight_bits')} {m.get('scheduler')} {m.get('steps')} steps eta {m.get('eta')}{g}, N={m.get('num_samples')}"
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """report.md + PNGs for every noise-statistics file of the run."""
+    from ptqd.correction.apply import calibrated_bits, schedule_for
+    from ptqd.correction.mixed import snr_table
+    from ptqd.runs import load_run
+    from ptqd.sampling import SamplerConfig, make_scheduler
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(run_dir.glob("noise_stats_*.safetensors"))
+    cfg, summary = run.config, run.summary
+    q = cfg["quant"]
+    lines = [
+        f"# ptqd run {run_dir.name}",
+        "",
+        f"model {cfg['model']} (fingerprint {cfg['model_fingerprint']}), method **{cfg['method']}**, "
+        f"W{q['weight_bits']}A{q['act_bits']} (calibrated act bits {calibrated_bits(run)}), ptqd {cfg.get('ptqd')}",
+        "",
+    ]
+    if summary.get("bops"):
+        b = summary["bops"]
+        lines += [f"BOPs per forward {b['bops'] / 1e9:.2f} G ({b['bops_saving']}× fewer than FP), size {summary['size']['bytes'] / 1e6:.2f} MB", ""]
+    if not files:
+        lines += ["No noise statistics in this run: collect them with `ptqd stats RUN` (or quantize with --method ptqd).", ""]
+    for f in files:
+        stats = load_stats(f)
+        m = stats.meta
+        prefix = f.stem
+        sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
+        sched = make_scheduler(run.fp, sampler.scheduler, sampler.steps)
+        table = snr_table(stats, sched.alphas_cumprod.numpy(), sched.config.num_train_timesteps)
+        schedules = {c: schedule_for(run, stats, sampler, criterion=c) for c in CRITERIA} if len(stats.bits) > 1 else {}
+        schedule = schedules.get(DEFAULT_CRITERION)
+        pngs = plot_stats(stats, out, prefix)
+        pngs.append(plot_snr(table, schedule, out, prefix, _title(stats)))
+        lines += [f"## {_title(stats)}", "", f"file `{f.name}`, seed {m.get('seed')}, k clamped at 0: {m.get('clamp_k')}, μ of: {m.get('mean_of')}", ""]
+        for c, sch in schedules.items():
+            mark = " (default, plotted)" if c == DEFAULT_CRITERION else ""
+            lines += [f"mixed-precision schedule, criterion {c}{mark}: {describe_schedule(sch)}", ""]
+        lines += ["| bits | t | k | k fit | r | σ^q | rel. error | μ |", "|---|---|---|---|---|---|---|---|"]
+        for b in stats.bits:
+            rows = stats.table(b)
+            for row in rows[:: max(1, len(rows) // 8)] + ([rows[-1]] if len(rows) > 1 else []):
+                mu = ", ".join(f"{v:+.4f}" for v in row["mu"])
+                lines.append(
+                    f"| A{b} | {row['t']} | {row['k']:.4f} | {row['k_raw']:+.4f} | {row['r']:+.3f} | {row['sigma']:.4f} | "
+                    f"{row['rel_err']:.3f} | {mu} |"
+                )
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+        worst = int(np.argmax(stats.rel_err.max(0)))
+        lines += [
+            f"Largest relative error at t={stats.timesteps[worst]} ({stats.rel_err.max(0)[worst]:.2f}); "
+            "check that step before trusting its fit.",
+            "",
+        ]
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    write_json(out / "run.json", {"config": cfg, "summary": summary})
+    return path
+
