@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=["naive", "qdiff", "ptqd"], default="qdiff",
         help="naive: min-max ranges; qdiff: Q-Diffusion calibration; ptqd: qdiff + noise statistics for correction",
     )
-    q.add_argument("--noise-samples", type=int, default=256, help="FP trajectories for the noise statistics (ptqd)")
+    q.add_argument("--noise-samples", type=int, default=256, help="FP trajectories for the noise statistics (ptqd; 0: collect later with `ptqd stats`)")
     q.add_argument("--noise-seed", type=int, default=2000, help="seed of the noise-statistics trajectories (ptqd)")
     q.add_argument(
         "--mixed-precision", type=_labels, default=None, metavar="BITS",
@@ -280,7 +280,7 @@ def _stats(args: argparse.Namespace) -> None:
     seed = args.seed if args.seed is not None else ptqd_cfg.get("noise_seed", 2000)
     request = StatsRequest(
         sampler=dataclasses.replace(sampler, seed=seed),
-        num_samples=args.noise_samples or ptqd_cfg.get("noise_samples", 256),
+        num_samples=args.noise_samples or ptqd_cfg.get("noise_samples") or 256,
         bits=args.act_bits or [],
         seed=seed,
         clamp_k=not args.keep_negative_k,

@@ -139,7 +139,8 @@ def quantize(
     with; default DDIM 50 steps, eta 1, guidance 3 for conditional models).
 
     ``method="ptqd"``: ``qdiff`` calibration, then noise statistics of ``noise_samples`` FP
-    trajectories of the same sampler (PTQD Algorithm 1), saved in the run directory; with
+    trajectories of the same sampler (PTQD Algorithm 1; 0 defers them to ``ptqd stats``), saved in
+    the run directory; with
     ``mixed_precision`` (e.g. [4, 8]) the activations are calibrated and the statistics collected for
     each of those bit-widths, and sampling picks one per step.
     """
@@ -156,8 +157,8 @@ def quantize(
             if len(bits) < 2:
                 raise PtqdError(f"--mixed-precision needs two or more bit-widths, got {mixed_precision}")
             config = dataclasses.replace(config, act_bits=bits[-1], extra_act_bits=sorted(set(config.extra_act_bits) | set(bits[:-1])))
-        if noise_samples < 2:
-            raise PtqdError(f"noise statistics need at least 2 samples, got {noise_samples}")
+        if noise_samples == 1 or noise_samples < 0:
+            raise PtqdError(f"noise statistics need at least 2 samples (0: collect later with `ptqd stats`), got {noise_samples}")
         ptqd_cfg = {
             "noise_samples": noise_samples,
             "noise_seed": STATS_SEED if noise_seed is None else noise_seed,
@@ -207,8 +208,8 @@ def quantize(
 
 def _ptqd_stats(run: QuantizedRun, sampler: SamplerConfig, ptqd_cfg: dict | None, out: Path | None, progress: bool) -> None:
     """Collect the noise statistics of a PTQD run (skipped when the run directory already has them)."""
-    if ptqd_cfg is None:
-        return
+    if ptqd_cfg is None or not ptqd_cfg["noise_samples"]:
+        return  # not PTQD, or statistics deferred to `ptqd stats`
     from ptqd.correction.apply import calibrated_bits, collect_stats
     from ptqd.correction.stats import StatsRequest, stats_name
 
