@@ -36,7 +36,7 @@ from ptqd.quant import QuantConfig
 from ptqd.runs import load_run, quantize
 from ptqd.sampling import SamplerConfig, sample
 
-COLUMNS = ["fd", "sfd", "is", "precision", "recall", "accuracy"]
+COLUMNS = ["fd", "sfd", "is", "precision", "recall", "accuracy", "mse_fp"]
 SETTINGS = {"W8A8": (8, 8, None), "W4A8": (4, 8, [4, 8]), "W4A4": (4, 4, None)}
 ROWS = [  # name, correction, act bits (None: the run's), eta-0 note
     ("qdiff", "none", None),
@@ -70,8 +70,20 @@ def sample_all(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     stats_seconds = {}
 
+    fp_images: dict[tuple, np.ndarray] = {}
+
+    def fp_ref(eta, seed):
+        if (eta, seed) not in fp_images:
+            fp_images[(eta, seed)] = np.load(args.out / f"fp_eta{eta:g}_seed{seed}.npz")["images"]
+        return fp_images[(eta, seed)]
+
     def record(row, samples, seconds):
         row.update(evaluate(samples.images, samples.labels))
+        if row["setting"] == "FP32":
+            np.savez_compressed(args.out / f"fp_eta{row['eta']:g}_seed{row['seed']}.npz", images=samples.images)
+        # paired distance to the FP images of the same seed (same initial noise and labels)
+        diff = samples.images.astype(np.float64) / 255 - fp_ref(row["eta"], row["seed"]).astype(np.float64) / 255
+        row["mse_fp"] = float((diff**2).mean())
         row["sample_seconds"] = round(seconds, 2)
         rows.append(row)
         finished.add(key(row))
@@ -116,8 +128,8 @@ def sample_all(args) -> None:
 
 def meta(args) -> dict:
     return {
-        "command": "python benchmarks/ptqd_ablation.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func",)
+        "command": f"python benchmarks/ptqd_ablation.py {args.phase} " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "phase"
         ),
         "ptqd": __version__,
         "torch": torch.__version__,
@@ -133,14 +145,20 @@ def write_table(args, rows) -> None:
     for r in rows:
         groups.setdefault((r["eta"], r["setting"], r["name"]), []).append(r)
     lines = [
-        "| eta | setting | method | FD | sFD | IS | precision | recall | accuracy | GBOPs / image (50 steps, CFG) | act bits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eta | setting | method | FD | sFD | IS | precision | recall | accuracy | MSE to FP ×1e3 | GBOPs / image (50 steps, CFG) | act bits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (eta, setting, name), rs in groups.items():
         cells = []
         for c in COLUMNS:
             v = np.array([r[c] for r in rs], dtype=float)
-            cells.append(f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}" if c in ("fd", "sfd", "is") else f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            if c == "mse_fp":
+                cells.append(f"{1000 * v.mean():.2f} ± {1000 * sd:.2f}")
+            elif c in ("fd", "sfd", "is"):
+                cells.append(f"{v.mean():.2f} ± {sd:.2f}")
+            else:
+                cells.append(f"{v.mean():.3f} ± {sd:.3f}")
         bits = rs[0].get("bit_schedule") or ""
         lines.append(f"| {eta:g} | {setting} | {name} | " + " | ".join(cells) + f" | {rs[0]['gbops_sampling']:.1f} | {bits} |")
     seeds = sorted({r["seed"] for r in rows})
@@ -150,6 +168,8 @@ def write_table(args, rows) -> None:
         f"Command: `{meta(args)['command']}` (after `python benchmarks/ptqd_ablation.py calibrate`).",
         f"Device: {meta(args)['device']}; torch {torch.__version__}; ptqd {__version__}. Seeds {seeds}; mean ± std over seeds;",
         f"{args.num} images per row and seed; noise statistics from {args.noise_samples} FP trajectories (seed 2000).",
+        "MSE to FP: mean squared pixel difference (images in [0, 1]) to the FP images of the same seed, labels and",
+        "initial noise: how far quantization moved each sample (FD alone rewards added diversity, see README).",
         "",
         *lines,
         "",

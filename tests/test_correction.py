@@ -367,7 +367,7 @@ def test_ptqd_end_to_end_cli(tmp_path, capsys):
     stats_file = run / "noise_stats_ddim6_eta1_g3.safetensors"
     assert stats_file.is_file() and stats_file.with_suffix(".json").is_file()
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["method"] == "ptqd" and cfg["ptqd"]["mixed_precision"] == [4, 8] and cfg["quant"]["extra_act_bits"] == [4]
+    assert cfg["method"] == "ptqd" and cfg["correction"]["mixed_precision"] == [4, 8] and cfg["quant"]["extra_act_bits"] == [4]
 
     npz = tmp_path / "s.npz"
     assert main(["sample", str(run), "--num", "4", "--steps", "6", "--out", str(npz), "--no-progress"]) == 0

@@ -269,7 +269,7 @@ def _stats(args: argparse.Namespace) -> None:
 
     run = load_run(args.run).to(args.device)
     cal = run.config["calibration"]
-    ptqd_cfg = run.config.get("ptqd") or {}
+    ptqd_cfg = run.config.get("correction") or {}
     sampler = SamplerConfig(
         args.scheduler or cal["scheduler"],
         args.steps or cal["steps"],

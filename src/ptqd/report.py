@@ -29,12 +29,13 @@ def plot_stats(stats: NoiseStats, out: Path, prefix: str) -> list[Path]:
     t = np.asarray(stats.timesteps)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for i, b in enumerate(stats.bits):
-        axes[0, 0].plot(t, stats.k[i], label=f"A{b} k (used)")
-        axes[0, 0].plot(t, stats.k_raw[i], "--", alpha=0.5, label=f"A{b} k (fit)")
-        axes[0, 1].plot(t, stats.r[i], label=f"A{b}")
-        axes[1, 0].semilogy(t, stats.sigma[i], label=f"A{b} σ^q")
+        color = f"C{i}"
+        axes[0, 0].plot(t, stats.k[i], color=color, label=f"A{b} k (used)")
+        axes[0, 0].plot(t, stats.k_raw[i], "--", color=color, alpha=0.5, label=f"A{b} k (fit)")
+        axes[0, 1].plot(t, stats.r[i], color=color, label=f"A{b}")
+        axes[1, 0].semilogy(t, stats.sigma[i], color=color, label=f"A{b} σ^q")
         for c in range(stats.mu.shape[-1]):
-            axes[1, 1].plot(t, stats.mu[i, :, c], label=f"A{b} ch{c}")
+            axes[1, 1].plot(t, stats.mu[i, :, c], color=color, alpha=1.0 - 0.25 * c, label=f"A{b} ch{c}")
     axes[1, 0].semilogy(t, np.sqrt(stats.fp_var), "k:", label="FP output std")
     titles = ["k_t (correlated part)", "r_t (corr. of Δε with ε)", "σ^q_t (residual std)", "μ_t per channel (bias)"]
     for ax, title in zip(axes.flat, titles):

@@ -183,7 +183,7 @@ def quantize(
         "torch_threads": torch.get_num_threads(),
     }
     if ptqd_cfg is not None:
-        run_config["ptqd"] = ptqd_cfg
+        run_config["correction"] = ptqd_cfg
     out = Path(out) if out is not None else None
     if out is not None:
         done = _existing_run(out, run_config)
@@ -251,7 +251,7 @@ def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
     if not cfg_file.is_file():
         return None
     old = json.loads(cfg_file.read_text())
-    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "ptqd")
+    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction")
     diff = [k for k in keys if old.get(k) != run_config.get(k)]
     if diff:
         raise PtqdError(

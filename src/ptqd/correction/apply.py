@@ -175,7 +175,7 @@ def plan_sampling(
     parts = parse_parts(correct)
     bits_avail = calibrated_bits(run)
     if act_bits is None:
-        act_bits = "mixed" if (run.config.get("ptqd", {}) or {}).get("mixed_precision") else run.quant_config.act_bits
+        act_bits = "mixed" if (run.config.get("correction") or {}).get("mixed_precision") else run.quant_config.act_bits
     if low_steps is not None:
         act_bits = "mixed"
     mixed = act_bits == "mixed"

@@ -217,6 +217,8 @@ class WeightQuantizer(nn.Module):
         qmin, qmax = qrange(self.bits, self.spec.symmetric)
         if self.alpha is not None or self.round_up is not None:
             base = torch.floor(w / self.scale)
+            if self.alpha is None and self.round_up.device != w.device:
+                self.round_up = self.round_up.to(w.device)  # a plain attribute: Module.to() does not move it
             up = self.soft_bits() if self.alpha is not None else self.round_up.to(w.dtype)
             q = torch.clamp(base + up + self.zero_point, qmin, qmax)
             return (q - self.zero_point) * self.scale
