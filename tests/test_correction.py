@@ -363,7 +363,7 @@ def test_ptqd_end_to_end_cli(tmp_path, capsys):
     ])
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "A4 t=" in out and "A8 t=" in out
+    assert "A4 t=" in out and "A8 t=" in out and "mixed precision (snr-unscaled)" in out and "GBOPs per image" in out
     stats_file = run / "noise_stats_ddim6_eta1_g3.safetensors"
     assert stats_file.is_file() and stats_file.with_suffix(".json").is_file()
     cfg = json.loads((run / "config.json").read_text())
@@ -377,6 +377,14 @@ def test_ptqd_end_to_end_cli(tmp_path, capsys):
     plain = tmp_path / "plain.npz"
     assert main(["sample", str(run), "--num", "4", "--steps", "6", "--correct", "none", "--act-bits", "8", "--out", str(plain), "--no-progress"]) == 0
     assert not (np.load(npz)["images"] == np.load(plain)["images"]).all()
+    # other fit options refit the stored moments (no new collection)
+    before = load_stats(stats_file)
+    assert main(["stats", str(run), "--steps", "6", "--noise-samples", "4", "--keep-negative-k", "--no-progress"]) == 0
+    refit = load_stats(stats_file)
+    assert refit.meta["clamp_k"] is False and (refit.k == refit.k_raw).all()
+    np.testing.assert_array_equal(refit.k_raw, before.k_raw)
+    assert main(["stats", str(run), "--steps", "6", "--noise-samples", "4", "--no-progress"]) == 0
+    np.testing.assert_array_equal(load_stats(stats_file).k, before.k)
     # another sampler needs its own statistics: refused with the command that makes them
     capsys.readouterr()
     assert main(["sample", str(run), "--num", "4", "--steps", "6", "--eta", "0", "--out", str(npz), "--no-progress"]) == 2

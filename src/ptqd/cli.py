@@ -298,6 +298,21 @@ def _print_stats(run, stats) -> None:
         for row in stats.table(b)[:: max(1, len(stats.timesteps) // 10)]:
             rows.append({"name": f"A{b} t={row['t']}", **{k: row[k] for k in ("k", "r", "sigma", "rel_err")}})
     print(format_table(rows, ["k", "r", "sigma", "rel_err"]))
+    if len(stats.bits) > 1:
+        from ptqd.correction import DEFAULT_CRITERION, describe_schedule, schedule_for
+        from ptqd.correction.apply import bops_per_bits
+        from ptqd.correction.mixed import sampling_bops
+        from ptqd.sampling import SamplerConfig
+
+        m = stats.meta
+        sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
+        schedule = schedule_for(run, stats, sampler)
+        bops = bops_per_bits(run, stats.bits)
+        cfg = 2 if m.get("guidance") not in (None, 1.0) else 1
+        mixed = sampling_bops(bops, schedule, cfg)
+        fixed = ", ".join(f"A{b} {sampling_bops(bops, {t: b for t in schedule}, cfg) / 1e9:.1f}" for b in stats.bits)
+        print(f"mixed precision ({DEFAULT_CRITERION}): {describe_schedule(schedule)}")
+        print(f"GBOPs per image for the whole sampling run: mixed {mixed / 1e9:.1f} ({fixed})")
     print(f"wrote {stats.path} (+ .json); plots: `ptqd report {run.path}`")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,13 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     meta = stats_meta(fp, quant_fingerprint(qnet), run.quant_config.weight_bits, request)
     path = Path(out) / stats_name(request.sampler, fp.conditional) if out is not None else None
     partial = path.with_suffix(".partial.npz") if path is not None else None
+    if path is not None and path.is_file():
+        old = load_stats(path)
+        same = all(old.meta.get(k) == v for k, v in json.loads(json.dumps(meta)).items() if k != "batch_size")
+        if same and old.moments is not None:  # same collection: only the fit options changed
+            stats = fit(old.moments, request.clamp_k, request.mean_of, meta)
+            save_stats(stats, path)
+            return stats
     before = current_act_bits(qnet)
 
     def quantized(b, x, t, y, guidance):
@@ -118,10 +126,11 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
     if not path.is_file():
         found = sorted(p.name for p in Path(run.path).glob("noise_stats_*.safetensors"))
         g = f" --guidance {sampler.guidance:g}" if run.fp.conditional else ""
+        eta = f" --eta {sampler.eta:g}" if sampler.scheduler == "ddim" else ""
         raise PtqdError(
-            f"{run.path} has no noise statistics for {sampler.scheduler} {sampler.steps} steps eta {sampler.eta:g}"
+            f"{run.path} has no noise statistics for {sampler.scheduler} {sampler.steps} steps{eta.replace(' --', ' ')}"
             f"{' guidance ' + format(sampler.guidance, 'g') if run.fp.conditional else ''} (found: {', '.join(found) or 'none'}); "
-            f"collect them with `ptqd stats {run.path} --scheduler {sampler.scheduler} --steps {sampler.steps} --eta {sampler.eta:g}{g}`"
+            f"collect them with `ptqd stats {run.path} --scheduler {sampler.scheduler} --steps {sampler.steps}{eta}{g}`"
         )
     stats = load_stats(path)
     check_stats(stats, expected_meta(run, sampler))

@@ -133,6 +133,10 @@ class Corrector:
 
     def step(self, scheduler, eps: torch.Tensor, t, x: torch.Tensor, generators, eta: float = 0.0) -> torch.Tensor:
         """One sampler step with the corrected ε and, with VSC, the shrunk sampler noise."""
+        if scheduler.config.prediction_type != "epsilon":
+            raise PtqdError(
+                f"PTQD corrects noise (epsilon) predictions; this scheduler is set to {scheduler.config.prediction_type!r}"
+            )
         eps = self.correct_eps(eps, t)
         kind = type(scheduler).__name__
         if kind.startswith("DDIM"):

@@ -366,7 +366,8 @@ def check_stats(stats: NoiseStats, expected: dict[str, Any], bits: list[int] | N
 def stats_name(sampler: SamplerConfig, conditional: bool) -> str:
     """File name of the statistics of one sampler setting inside a run directory."""
     g = f"_g{sampler.guidance:g}" if conditional else ""
-    return f"noise_stats_{sampler.scheduler}{sampler.steps}_eta{sampler.eta:g}{g}.safetensors"
+    eta = f"_eta{sampler.eta:g}" if sampler.scheduler == "ddim" else ""  # DDPM has no eta
+    return f"noise_stats_{sampler.scheduler}{sampler.steps}{eta}{g}.safetensors"
 
 
 @dataclass
