@@ -217,6 +217,7 @@ def test_vsc_without_cnc_uses_raw_sigma_and_cnc_alone_rescales():
     assert torch.allclose(Corrector(stats, ("cnc",)).correct_eps(eps, t), eps / 1.25)
     assert torch.allclose(Corrector(stats, ("bc",)).correct_eps(eps, t), eps - 0.1)
     assert torch.allclose(Corrector(stats, ("cnc", "bc")).correct_eps(eps, t), (eps - 0.1) / 1.25)
+    assert Corrector(stats, "all").parts == ("cnc", "bc", "vsc") and Corrector(stats, "none").parts == ()
     assert Corrector(stats, ("vsc",)).residual_std(t) == pytest.approx(0.2)
     assert Corrector(stats, ("cnc", "vsc")).residual_std(t) == pytest.approx(0.2 / 1.25)
 

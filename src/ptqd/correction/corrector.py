@@ -99,13 +99,13 @@ class Corrector:
     """
 
     stats: NoiseStats
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] | str = PARTS  # or "all", "none", "cnc,bc", …
     act_bits: int | None = None
     bits_at: dict[int, int] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
-        self.parts = parse_parts(list(self.parts))
+        self.parts = parse_parts(self.parts if isinstance(self.parts, str) else list(self.parts))
         if self.bits_at is None:
             bits = self.act_bits if self.act_bits is not None else self.stats.bits[0]
             self.stats.bit(bits)
