@@ -143,7 +143,7 @@ def sample(
     if not model.conditional:
         record["guidance"] = None
     if corrector is not None:
-        record["correction"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
+        record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
     return Samples(np.concatenate(out), label_arr, record)
 
 
