@@ -60,6 +60,21 @@ def calibrate(args) -> None:
         print(f"{name}: calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def stats_all(args) -> None:
+    """Collect the noise statistics of every run for every sampler setting (so sampling can run elsewhere)."""
+    fp = load("digits16-cond").to(torch.device(args.device))
+    ddim = args.scheduler == "ddim"
+    for eta in [float(e) for e in args.etas.split(",")] if ddim else [None]:
+        for setting in args.settings.split(","):
+            run = load_run(args.out / "runs" / setting.lower(), model=fp).to(torch.device(args.device))
+            sampler = SamplerConfig(args.scheduler, 50, 1.0 if eta is None else eta, 3.0, 0, args.batch_size)
+            if (run.path / stats_name(sampler, True)).is_file():
+                continue
+            t0 = time.perf_counter()
+            collect_stats(run, StatsRequest(sampler, args.noise_samples), out=run.path, progress=True)
+            print(f"{setting} {args.scheduler} eta {eta}: statistics in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def sample_all(args) -> None:
     device = torch.device(args.device)
     results_file = args.out / "results.json"
@@ -210,6 +225,14 @@ def main() -> None:
     s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--noise-samples", type=int, default=1024)
     s.add_argument("--batch-size", type=int, default=500)
+    st = sub.add_parser("stats", help="only collect the noise statistics (resumable)")
+    st.add_argument("--out", type=Path, default=Path("benchmarks/results/ptqd_ablation"))
+    st.add_argument("--settings", default="W8A8,W4A8,W4A4")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--etas", default="1.0,0.0", help="DDIM etas")
+    st.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    st.add_argument("--noise-samples", type=int, default=1024)
+    st.add_argument("--batch-size", type=int, default=500)
     t = sub.add_parser("table", help="rewrite results.md from results.json")
     t.add_argument("--out", type=Path, default=Path("benchmarks/results/ptqd_ablation"))
     t.add_argument("--noise-samples", type=int, default=1024)
@@ -218,6 +241,8 @@ def main() -> None:
     args = p.parse_args()
     if args.phase == "calibrate":
         calibrate(args)
+    elif args.phase == "stats":
+        stats_all(args)
     elif args.phase == "sample":
         sample_all(args)
     else:

@@ -108,9 +108,3 @@ def test_cli_sample_evaluate_roundtrip(tmp_path):
     assert main(["evaluate", str(out)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(["fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples"]) <= set(metrics)
-
-
-def test_demo_quick(tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    for f in ("metrics.json", "samples.png", "samples.npz", "config.json"):
-        assert (tmp_path / f).is_file()

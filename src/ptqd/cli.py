@@ -108,15 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", type=Path)
     r.add_argument("--out", type=Path, default=None, help="directory for report.md and PNGs (default: RUN/report)")
 
+    c = sub.add_parser("compare", help="tabulate several runs (and samples .npz files) side by side")
+    c.add_argument("paths", type=Path, nargs="+", help="run directories and/or samples .npz files")
+    c.add_argument("--out", type=Path, default=None, help="also write OUT.md (table + FD-vs-BOPs plot) and OUT.json")
+
     e = sub.add_parser("evaluate", help="sample-quality metrics of a samples .npz")
     e.add_argument("samples", type=Path)
     e.add_argument("--reference", default="digits16", help="bundled reference name or reference .npz")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: metrics.json beside the samples)")
 
-    d = sub.add_parser("demo", help="sample the bundled model and evaluate it")
+    d = sub.add_parser("demo", help="FP32 vs naive, Q-Diffusion and PTQD W4A8 on the bundled model: table + report.md")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
-    d.add_argument("--quick", action="store_true", help="a seconds-long version")
+    d.add_argument("--quick", action="store_true", help="a one-minute version (few images, few steps, short calibration)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num", type=int, default=None, help="images per method (default 300; --quick 40)")
+    d.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -196,10 +202,24 @@ def _run(args: argparse.Namespace) -> int:
 
         path = write_report(args.run, args.out)
         print(f"wrote {path}")
+    elif args.command == "compare":
+        from ptqd.compare import compare, format_compare, write_compare
+
+        rows = compare(args.paths)
+        print(format_compare(rows))
+        if args.out is not None:
+            print(f"wrote {write_compare(rows, args.out)}")
     elif args.command == "demo":
         from ptqd.demo import run_demo
 
-        run_demo(args.out, quick=args.quick, seed=args.seed)
+        from ptqd.demo import DemoSettings
+
+        settings = DemoSettings.quick() if args.quick else DemoSettings()
+        if args.num is not None:
+            if args.num < 10:
+                raise PtqdError(f"--num must be at least 10 (the metrics need a few images per class), got {args.num}")
+            settings.num = settings.batch_size = args.num
+        run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, settings=settings)
     return 0
 
 

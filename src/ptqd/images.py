@@ -64,3 +64,64 @@ def save_grid(
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def save_comparison(
+    panels: dict[str, np.ndarray],
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    per_class: int = 2,
+    title: str | None = None,
+) -> Path:
+    """Side-by-side grids, one panel per method, of the same sample indices.
+
+    Samples with the same index share their seed (initial noise, label and step noise), so the panels
+    show what each method changed. With ``labels``, ``per_class`` samples of each class are shown
+    (rows = classes); otherwise the first 20 samples.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptqd.io import atomic_path
+
+    first = next(iter(panels.values()))
+    if labels is not None:
+        classes = sorted(set(int(v) for v in labels))
+        idx = [[i for i in np.flatnonzero(labels == c)[:per_class]] for c in classes]
+        idx = [row + [None] * (per_class - len(row)) for row in idx]
+    else:
+        n = min(len(first), 20)
+        idx = [[i + j for j in range(per_class) if i + j < n] for i in range(0, n, per_class)]
+        idx = [row + [None] * (per_class - len(row)) for row in idx]
+    nrows, ncols = len(idx), per_class
+    fig, axes = plt.subplots(
+        nrows, ncols * len(panels), figsize=(ncols * len(panels) * 0.8 + 0.3 * len(panels), nrows * 0.8 + 0.6),
+        squeeze=False,
+    )
+    for p, (name, images) in enumerate(panels.items()):
+        for r, row in enumerate(idx):
+            for c, i in enumerate(row):
+                ax = axes[r, p * ncols + c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_visible(False)
+                if i is None or i >= len(images):
+                    continue
+                img = images[i]
+                if img.shape[-1] == 1:
+                    ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                else:
+                    ax.imshow(img, interpolation="nearest")
+                if r == 0 and c == 0:
+                    ax.set_title(name, fontsize=8, loc="left", pad=3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -131,7 +131,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         lines += ["| bits | t | k | k fit | r | σ^q | rel. error | μ |", "|---|---|---|---|---|---|---|---|"]
         for b in stats.bits:
             rows = stats.table(b)
-            for row in rows[:: max(1, len(rows) // 8)] + ([rows[-1]] if len(rows) > 1 else []):
+            shown = rows[:: max(1, len(rows) // 8)]
+            for row in shown + ([rows[-1]] if rows and shown[-1] is not rows[-1] else []):
                 mu = ", ".join(f"{v:+.4f}" for v in row["mu"])
                 lines.append(
                     f"| A{b} | {row['t']} | {row['k']:.4f} | {row['k_raw']:+.4f} | {row['r']:+.3f} | {row['sigma']:.4f} | "
@@ -144,9 +145,41 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             "check that step before trusting its fit.",
             "",
         ]
+    lines += _samples_section(run_dir, out)
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     write_json(out / "run.json", {"config": cfg, "summary": summary})
     return path
+
+
+def _samples_section(run_dir: Path, out: Path) -> list[str]:
+    """Metrics and a labelled grid of every samples file inside the run directory."""
+    from ptqd.compare import describe_samples, find_samples
+    from ptqd.images import save_grid
+    from ptqd.sampling import load_samples
+
+    files = find_samples(run_dir)
+    lines = ["## Samples", ""]
+    if not files:
+        return lines + [
+            f"No samples in {run_dir}: `ptqd sample {run_dir} --out {run_dir}/samples.npz` then "
+            f"`ptqd evaluate {run_dir}/samples.npz` (then rerun `ptqd report`).",
+            "",
+        ]
+    for f in files:
+        d = describe_samples(f)
+        s = load_samples(f)
+        rel = f.relative_to(run_dir)
+        png = save_grid(s.images, out / f"samples_{'_'.join(rel.with_suffix('').parts)}.png", labels=s.labels, title=str(rel))
+        lines += [f"### `{rel}`", "", f"{d['sampler']}; correction {d['correction']}; activation bits {d['act_bits']}", ""]
+        m = d.get("metrics")
+        if m:
+            keys = [k for k in ("fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples") if m.get(k) is not None]
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(f"{m[k]:.3f}" if isinstance(m[k], float) else str(m[k]) for k in keys) + " |", ""]
+        else:
+            lines += [f"not evaluated: {d.get('metrics_note', f'run `ptqd evaluate {f}`')}", ""]
+        lines += [f"![{png.stem}]({png.name})", ""]
+    return lines
 

@@ -308,3 +308,29 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
 
 def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "quant_state.safetensors").is_file()
+
+
+def read_run_info(path: str | Path) -> dict[str, Any]:
+    """What a run is, from its config.json and summary.json alone (no model is loaded)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise PtqdError(f"{path} is not a quantization run (no config.json); make one with `ptqd quantize --out {path}`")
+    try:
+        config = json.loads(cfg_file.read_text())
+        summary_file = path / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        q = config["quant"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise PtqdError(f"{cfg_file} is damaged ({e}); rerun the `ptqd quantize` that made it") from e
+    extra = sorted(set(q.get("extra_act_bits") or []) - {q["act_bits"]})
+    bits = f"W{q['weight_bits']}A{q['act_bits']}" + (f" (+A{',A'.join(map(str, extra))})" if extra else "")
+    secs = summary.get("seconds", {})
+    return {
+        "model": config.get("model"),
+        "method": config.get("method"),
+        "bits": bits,
+        "size_mb": summary["size"]["bytes"] / 1e6 if summary.get("size") else None,
+        "gbops_forward": summary["bops"]["bops"] / 1e9 if summary.get("bops") else None,
+        "calib_s": (secs.get("total_calibration") or 0.0) + (secs.get("noise_statistics") or 0.0) or None,
+    }
