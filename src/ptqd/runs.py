@@ -176,12 +176,15 @@ def quantize(
         "ptqd": __version__,
         "model": fp.name if fp.path is None or fp.name != fp.path.name else str(fp.path),
         "model_fingerprint": fp.fingerprint(),
+        "model_kind": fp.describe(),
         "method": method,
         "quant": config.to_dict(),
         "calibration": {"num_samples": calib_samples, "num_steps": calib_steps, **asdict(sampler)},
         "options": asdict(options),
         "torch_threads": torch.get_num_threads(),
     }
+    if fp.prompts is not None:
+        run_config["prompts"] = fp.prompts  # calibration, statistics and default sampling prompts
     if ptqd_cfg is not None:
         run_config["correction"] = ptqd_cfg
     out = Path(out) if out is not None else None
@@ -251,7 +254,7 @@ def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
     if not cfg_file.is_file():
         return None
     old = json.loads(cfg_file.read_text())
-    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction")
+    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction", "prompts")
     diff = [k for k in keys if old.get(k) != run_config.get(k)]
     if diff:
         raise PtqdError(
@@ -288,7 +291,7 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
     if not state_file.is_file():
         raise PtqdError(f"{path} has no quant_state.safetensors: the run did not finish; rerun the same `ptqd quantize`")
     config = json.loads(cfg_file.read_text())
-    fp = model or load(config["model"])
+    fp = model or load(config["model"], prompts=config.get("prompts"))
     if fp.fingerprint() != config["model_fingerprint"]:
         raise PtqdError(
             f"run {path} was made from a model with fingerprint {config['model_fingerprint']}, but {config['model']} "

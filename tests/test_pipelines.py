@@ -1,0 +1,198 @@
+"""Bring your own diffusers model: tiny random-weight pipelines of every supported kind, saved with
+save_pretrained, then quantize → noise statistics → corrected sampling through the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ptqd.cli import main
+from ptqd.errors import PtqdError
+from ptqd.models import load
+from ptqd.quant.wrap import find_unsupported, quant_layers
+
+STEPS = 3
+PROMPTS = ["a red square", "a blue circle", "a green cat"]
+
+# ------------------------------------------------------------------------------------------
+# tiny pipelines built from configs
+
+
+def _scheduler(kind="ddpm", **kw):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[kind]
+    return cls(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, **kw)
+
+
+def _unet(channels=3, size=8, **kw):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8, **kw,
+    )
+
+
+def _vq():
+    from diffusers import VQModel
+
+    return VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=3, num_vq_embeddings=16, norm_num_groups=4, sample_size=16, vq_embed_dim=3,
+    )
+
+
+def _kl(latent_channels=4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
+    )
+
+
+def build(kind: str, path):
+    """Save a tiny pipeline of ``kind`` to ``path``; returns the path."""
+    from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline
+
+    torch.manual_seed(0)
+    if kind == "ddpm":
+        pipe = DDPMPipeline(unet=_unet(), scheduler=_scheduler("ddpm"))
+    elif kind == "ddim":
+        pipe = DDIMPipeline(unet=_unet(channels=1), scheduler=_scheduler("ddim"))
+    elif kind == "ldm-vq":
+        pipe = LDMPipeline(vqvae=_vq(), unet=_unet(channels=3), scheduler=_scheduler("ddim"))
+    elif kind == "ldm-kl-cond":  # class-conditional latent model: UNet2DModel with class embeddings + KL autoencoder
+        pipe = LDMPipeline(vqvae=_kl(), unet=_unet(channels=4, num_class_embeds=5), scheduler=_scheduler("ddim"))
+    elif kind == "dit":
+        pipe = _dit()
+    elif kind == "sd":
+        pipe = _sd(path)
+    else:
+        raise KeyError(kind)
+    pipe.save_pretrained(str(path))
+    return path
+
+
+def _dit():
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    net = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=4,
+    )
+    return DiTPipeline(transformer=net, vae=_kl(), scheduler=_scheduler("ddim"))
+
+
+def tiny_clip(path):
+    """A CLIP tokenizer over a character vocabulary and a 1-layer text encoder (nothing downloaded)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    d = path / "_clip_src"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"), model_max_length=12)
+    enc = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    return tok, enc
+
+
+def _sd(path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    )
+    tok, enc = tiny_clip(path.parent)
+    return StableDiffusionPipeline(
+        vae=_kl(), text_encoder=enc, tokenizer=tok, unet=unet, scheduler=_scheduler("ddim", steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (thread start-up dominates; the CI box is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return lambda kind: build(kind, root / kind) if not (root / kind / "model_index.json").is_file() else root / kind
+
+
+# ------------------------------------------------------------------------------------------
+# end to end: quantize → statistics → corrected sampling
+
+
+def _quantize(model_dir, run, *extra, guidance=None):
+    args = [
+        "quantize", "--model", str(model_dir), "--weight-bits", "4", "--method", "ptqd",
+        "--calib-samples", "2", "--calib-steps", "2", "--recon-samples", "8", "--weight-iters", "2", "--act-iters", "1",
+        "--recon-batch", "4", "--steps", str(STEPS), "--noise-samples", "3", "--out", str(run), "--no-progress", *extra,
+    ]
+    if guidance is not None:
+        args += ["--guidance", str(guidance)]
+    return main(args)
+
+
+def _end_to_end(model_dir, tmp_path, capsys, *extra, sample_extra=(), guidance=None):
+    run = tmp_path / "run"
+    assert _quantize(model_dir, run, *extra, guidance=guidance) == 0, capsys.readouterr().err
+    stats = list(run.glob("noise_stats_*.safetensors"))
+    assert len(stats) == 1
+    npz = tmp_path / "s.npz"
+    rc = main(["sample", str(run), "--num", "3", "--steps", str(STEPS), "--out", str(npz), "--no-progress", *sample_extra])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads(npz.with_suffix(".json").read_text())
+    assert rec["correction"] == ["cnc", "bc", "vsc"]
+    plain = tmp_path / "plain.npz"
+    rc = main(["sample", str(run), "--num", "3", "--steps", str(STEPS), "--correct", "none", "--out", str(plain), "--no-progress", *sample_extra])
+    assert rc == 0, capsys.readouterr().err
+    images = np.load(npz)["images"]
+    assert images.dtype == np.uint8 and len(images) == 3
+    assert not (images == np.load(plain)["images"]).all(), "the correction changed nothing"
+    return run, images, json.loads((run / "config.json").read_text())
+
+
+def test_ddpm_pixel_pipeline_end_to_end(pipes, tmp_path, capsys):
+    model_dir = pipes("ddpm")
+    m = load(model_dir)
+    assert m.describe() == {"denoiser": "UNet2DModel", "kind": "unet"} and not m.conditional and not m.latent
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys, "--scheduler", "ddpm", sample_extra=("--scheduler", "ddpm"))
+    assert images.shape == (3, 8, 8, 3)
+    assert cfg["model"] == str(model_dir) and cfg["model_kind"]["kind"] == "unet"
+    # first and last layers stay at 8 bit, the rest at 4
+    layers = json.loads((run / "summary.json").read_text())["layers"]
+    assert layers[0]["name"] == "conv_in" and layers[-1]["name"] == "conv_out"
+    assert layers[0]["w_bits"] == 8 and layers[-1]["w_bits"] == 8 and layers[1]["w_bits"] == 4
+
+
+def test_ddim_pipeline_fp_sample_and_evaluate_shape_error(pipes, tmp_path, capsys):
+    model_dir = pipes("ddim")
+    npz = tmp_path / "fp.npz"
+    assert main(["sample", "--model", str(model_dir), "--num", "2", "--steps", "2", "--out", str(npz), "--no-progress"]) == 0
+    assert np.load(npz)["images"].shape == (2, 8, 8, 1)
+    capsys.readouterr()
+    assert main(["evaluate", str(npz)]) == 2
+    err = capsys.readouterr().err
+    assert "16x16" in err and "(2, 8, 8, 1)" in err
