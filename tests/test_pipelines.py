@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ptqd.cli import main
+from ptqd.correction import load_stats
 from ptqd.errors import PtqdError
 from ptqd.models import load
+from ptqd.runs import load_run
 from ptqd.quant.wrap import find_unsupported, quant_layers
 
 STEPS = 3
@@ -89,7 +91,7 @@ def _dit():
     return DiTPipeline(transformer=net, vae=_kl(), scheduler=_scheduler("ddim"))
 
 
-def tiny_clip(path):
+def tiny_clip():
     """A CLIP tokenizer over a character vocabulary and a 1-layer text encoder (nothing downloaded)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -98,11 +100,10 @@ def tiny_clip(path):
     for c in chars:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    d = path / "_clip_src"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"), model_max_length=12)
+    merges = [("r", "e"), ("re", "d</w>")]
+    vocab["re"] = len(vocab)
+    vocab["red</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=12)
     enc = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1,
@@ -118,7 +119,7 @@ def _sd(path):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
     )
-    tok, enc = tiny_clip(path.parent)
+    tok, enc = tiny_clip()
     return StableDiffusionPipeline(
         vae=_kl(), text_encoder=enc, tokenizer=tok, unet=unet, scheduler=_scheduler("ddim", steps_offset=1, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -196,3 +197,77 @@ def test_ddim_pipeline_fp_sample_and_evaluate_shape_error(pipes, tmp_path, capsy
     assert main(["evaluate", str(npz)]) == 2
     err = capsys.readouterr().err
     assert "16x16" in err and "(2, 8, 8, 1)" in err
+
+
+def test_ldm_vq_pipeline_end_to_end(pipes, tmp_path, capsys):
+    model_dir = pipes("ldm-vq")
+    m = load(model_dir)
+    assert m.latent and m.decoder.describe()["decoder"] == "VQModel" and (m.channels, m.image_size) == (3, 8)
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys)
+    assert images.shape == (3, 16, 16, 3)  # decoded by the FP VQ decoder from 8x8 latents
+    # only the denoiser is quantized: the decoder is not in the quantized network
+    from safetensors.torch import load_file
+
+    calib = load_file(str(run / "calibration.safetensors"))
+    assert calib["x"].shape[1:] == (3, 8, 8)  # calibration works in latent space
+
+
+def test_class_conditional_latent_kl_end_to_end(pipes, tmp_path, capsys):
+    model_dir = pipes("ldm-kl-cond")
+    m = load(model_dir)
+    assert m.conditional and m.num_classes == 4 and m.null_class == 4 and m.decoder.describe()["decoder"] == "AutoencoderKL"
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys, guidance=2.0, sample_extra=("--labels", "1,3"))
+    assert images.shape == (3, 16, 16, 3) and cfg["calibration"]["guidance"] == 2.0
+    assert list(np.load(tmp_path / "s.npz")["labels"]) == [1, 3, 1]
+    assert (run / "noise_stats_ddim3_eta1_g2.safetensors").is_file()
+
+
+def test_dit_pipeline_end_to_end_sees_only_eps(pipes, tmp_path, capsys):
+    model_dir = pipes("dit")
+    m = load(model_dir)
+    assert m.describe()["kind"] == "dit" and m.describe()["learned_sigma"] and (m.num_classes, m.null_class) == (4, 4)
+    x = torch.randn(2, 4, 8, 8)
+    eps = m.denoise(x, torch.tensor(500), torch.tensor([0, 1]), 1.0)
+    full = m.unet(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([0, 1])).sample
+    assert full.shape[1] == 8 and eps.shape == x.shape
+    torch.testing.assert_close(eps, full[:, :4])
+    # the quant engine covers the transformer: patch embedding first, final projection last, attention quantized
+    assert find_unsupported(m.unet)[0] == []
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys, guidance=3.0)
+    layers = json.loads((run / "summary.json").read_text())["layers"]
+    assert layers[0]["name"] == "pos_embed.proj" and layers[-1]["name"] == "proj_out_2" and layers[-1]["w_bits"] == 8
+    bops = json.loads((run / "summary.json").read_text())["bops_by_layer"]
+    assert any(o["kind"] == "qk" for o in bops)
+    stats = load_stats(next(run.glob("noise_stats_*.safetensors")))
+    assert stats.meta["channels"] == 4 and stats.mu.shape[-1] == 4  # statistics of the noise half only
+
+
+def test_stable_diffusion_pipeline_end_to_end_with_prompts(pipes, tmp_path, capsys):
+    model_dir = pipes("sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration prompts\n" + "\n".join(PROMPTS) + "\n\n")
+    with pytest.raises(PtqdError, match="--prompts FILE"):
+        load(model_dir)
+    m = load(model_dir, prompts=PROMPTS)
+    assert m.describe()["kind"] == "cross-attention" and (m.num_classes, m.null_class) == (3, 3)
+    ctx = m.adapter.context
+    assert ctx.shape == (4, 12, 16)  # three prompts + the empty prompt, CLIP max length 12, width 16
+    assert not torch.allclose(ctx[0], ctx[1]) and not torch.allclose(ctx[0], ctx[3])
+    assert find_unsupported(m.unet)[0] == []
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys, "--prompts", str(prompts), guidance=4.0)
+    assert images.shape == (3, 16, 16, 3) and cfg["prompts"] == PROMPTS
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert rec["prompts"] == PROMPTS and list(np.load(tmp_path / "s.npz")["labels"]) == [0, 1, 2]
+    # cross-attention layers are quantized (to_k/to_v read the text context)
+    names = [n for n, _ in quant_layers(load_run(run).qnet)]
+    assert any(n.endswith("attn2.to_k") for n in names)
+    # sampling with other prompts reuses the run (prompt ids index the new file)
+    other = tmp_path / "other.txt"
+    other.write_text("a yellow dog\n")
+    npz = tmp_path / "o.npz"
+    assert main(["sample", str(run), "--prompts", str(other), "--num", "2", "--steps", str(STEPS), "--out", str(npz), "--no-progress"]) == 0
+    assert json.loads(npz.with_suffix(".json").read_text())["prompts"] == ["a yellow dog"]
+    # a run refuses to be redone with other calibration prompts
+    capsys.readouterr()
+    assert _quantize(model_dir, tmp_path / "run", "--prompts", str(other), guidance=4.0) == 2
+    assert "prompts" in capsys.readouterr().err
