@@ -196,7 +196,7 @@ def test_ddim_pipeline_fp_sample_and_evaluate_shape_error(pipes, tmp_path, capsy
     capsys.readouterr()
     assert main(["evaluate", str(npz)]) == 2
     err = capsys.readouterr().err
-    assert "16x16" in err and "(2, 8, 8, 1)" in err
+    assert "16x16" in err and "(2, 8, 8, 1)" in err and "Inception" in err and "Traceback" not in err
 
 
 def test_ldm_vq_pipeline_end_to_end(pipes, tmp_path, capsys):
@@ -271,3 +271,52 @@ def test_stable_diffusion_pipeline_end_to_end_with_prompts(pipes, tmp_path, caps
     capsys.readouterr()
     assert _quantize(model_dir, tmp_path / "run", "--prompts", str(other), guidance=4.0) == 2
     assert "prompts" in capsys.readouterr().err
+
+
+def test_hub_repo_id_resolves_from_local_cache_only(pipes, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0" * 40
+    repo = cache / "models--someone--tiny-ddpm"
+    shutil.copytree(pipes("ddpm"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    m = load("someone/tiny-ddpm", cache_dir=cache)
+    assert m.name == "someone/tiny-ddpm" and m.fingerprint() == load(pipes("ddpm")).fingerprint()
+    with pytest.raises(PtqdError, match="never downloads"):
+        load("someone/not-cached", cache_dir=cache)
+    with pytest.raises(PtqdError, match="unknown model 'nothing-here'"):
+        load("nothing-here")
+    # the CLI takes the repo id from the default hub cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    npz = tmp_path / "hub.npz"
+    assert main(["sample", "--model", "someone/tiny-ddpm", "--num", "1", "--steps", "2", "--out", str(npz), "--no-progress"]) == 0
+    assert json.loads(npz.with_suffix(".json").read_text())["model"] == "someone/tiny-ddpm"
+
+
+def test_unsupported_denoiser_and_missing_conditioning_are_clear_errors(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    d = build("ddim", tmp_path / "m")
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["unet"] = ["diffusers", "UNet3DConditionModel"]
+    (d / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(PtqdError, match="UNet3DConditionModel is not supported"):
+        load(d)
+    # a cross-attention UNet with neither text encoder nor context table
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).save_pretrained(str(d / "unet"))
+    idx["unet"] = ["diffusers", "UNet2DConditionModel"]
+    (d / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(PtqdError, match="ptqd_context.safetensors"):
+        load(d)
+    with pytest.raises(PtqdError, match="no text encoder"):
+        load(pipes_dir := build("ddim", tmp_path / "pixel"), prompts=["x"])
+    assert pipes_dir.is_dir()

@@ -115,9 +115,12 @@ class DiffusionModel:
         return self
 
     def fingerprint(self) -> str:
-        """Hash of the denoiser's weights and config: statistics and artifacts record it to refuse mismatches."""
+        """Hash of the denoiser's weights and config: statistics and artifacts record it to refuse mismatches.
+        The same weights give the same fingerprint wherever they are loaded from."""
         h = hashlib.sha256()
-        h.update(json.dumps(dict(getattr(self.unet, "config", {})), sort_keys=True, default=str).encode())
+        # keys like _name_or_path say where the model was loaded from, not what it is: left out
+        config = {k: v for k, v in dict(getattr(self.unet, "config", {})).items() if not k.startswith("_")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, t in sorted(self.unet.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
