@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default="digits16", help="bundled reference name or reference .npz")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: metrics.json beside the samples)")
 
+    c = sub.add_parser("convert-ldm", help="convert an original CompVis class-conditional LDM checkpoint (e.g. cin256-v2)")
+    c.add_argument("checkpoint", type=Path, help="the original .ckpt (or .safetensors)")
+    c.add_argument("--config", type=Path, required=True, help="its original YAML config, e.g. configs/latent-diffusion/cin256-v2.yaml")
+    c.add_argument("--out", type=Path, required=True, help="model directory to write (use it as --model)")
+    c.add_argument("--null-class", type=int, default=None, help="the unconditional class id (default: the last row of the class table)")
+
     d = sub.add_parser("demo", help="sample the bundled model and evaluate it")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--quick", action="store_true", help="a seconds-long version")
@@ -202,6 +208,11 @@ def _run(args: argparse.Namespace) -> int:
 
         path = write_report(args.run, args.out)
         print(f"wrote {path}")
+    elif args.command == "convert-ldm":
+        from ptqd.models.convert import convert_compvis_ldm
+
+        out = convert_compvis_ldm(args.checkpoint, args.config, args.out, null_class=args.null_class)
+        print(f"wrote {out}; quantize it with `ptqd quantize --model {out} ...`")
     elif args.command == "demo":
         from ptqd.demo import run_demo
 
