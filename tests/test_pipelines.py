@@ -521,3 +521,20 @@ def test_compvis_ldm_checkpoint_converts_and_runs_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     # and the converted model goes through quantize → statistics → corrected sampling
     _end_to_end(out, tmp_path, capsys, guidance=3.0, vq_snaps=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["ldm-kl-cond", "dit", "sd"])
+def test_end_to_end_on_cuda(pipes, kind, tmp_path, capsys):
+    model_dir = pipes(kind)
+    extra = ("--device", "cuda")
+    if kind == "sd":
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(PROMPTS))
+        extra += ("--prompts", str(prompts))
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys, *extra, guidance=2.0, sample_extra=("--device", "cuda"))
+    assert images.shape == (3, 16, 16, 3)
+    # a run calibrated on the GPU loads and samples on the CPU with the same quantizer state
+    cpu = tmp_path / "cpu.npz"
+    assert main(["sample", str(run), "--num", "3", "--steps", str(STEPS), "--out", str(cpu), "--no-progress"]) == 0
+    assert np.load(cpu)["images"].shape == images.shape

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-iters", type=int, default=100, help="step-size learning iterations per block and bit-width (qdiff)")
     q.add_argument("--recon-batch", type=int, default=32)
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
+    q.add_argument("--device", default="cpu", help="torch device to calibrate on (cpu, cuda, …); the run directory loads anywhere")
     q.add_argument("--out", type=Path, required=True, help="run directory")
     q.add_argument("--no-progress", action="store_true")
 
@@ -177,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
                 raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
-            model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
+            model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device).to(args.device)
             config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
         samples = sample(
             model, args.num, config, labels=args.labels, progress=not args.no_progress,
@@ -229,7 +230,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from ptqd.runs import quantize
     from ptqd.sampling import SamplerConfig
 
-    model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None)
+    model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
     config = QuantConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,

@@ -76,6 +76,11 @@ class QuantizedRun:
         return self
 
 
+def _device(model: DiffusionModel) -> torch.device:
+    p = next(model.unet.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def example_forward(model: DiffusionModel, batch: int = 1):
     """A function running one denoiser forward on a fixed input (for split detection and BOPs)."""
     g = torch.Generator().manual_seed(0)
@@ -199,6 +204,7 @@ def quantize(
     calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
     t0 = time.perf_counter()
     qnet = wrap_model(fp.unet, config, run_once=example_forward(fp))
+    qnet.to(_device(fp))  # new quantizer modules start on the CPU; calibrate where the model is
     summary = calibrate(fp, qnet, calib, options, progress=progress)
     summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)
     summary.update(measure(fp, qnet))
@@ -299,6 +305,7 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
         )
     qconfig = QuantConfig.from_dict(config["quant"])
     qnet = wrap_model(fp.unet, qconfig, run_once=example_forward(fp))
+    qnet.to(_device(fp))
     try:
         state = load_file(str(state_file))
     except Exception as e:
