@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
                 raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
-            model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device).to(args.device)
+            model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
             config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
         samples = sample(
             model, args.num, config, labels=args.labels, progress=not args.no_progress,

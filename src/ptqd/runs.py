@@ -238,6 +238,14 @@ def _ptqd_stats(run: QuantizedRun, sampler: SamplerConfig, ptqd_cfg: dict | None
 
 
 def _calibration_data(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
+    """The run's calibration inputs (reused from the run directory when they match), on the model's device."""
+    calib = _find_calibration(fp, out, num, steps, sampler, seed, progress)
+    dev = _device(fp)
+    labels = calib.labels.to(dev) if calib.labels is not None else None
+    return dataclasses.replace(calib, x=calib.x.to(dev), t=calib.t.to(dev), labels=labels)
+
+
+def _find_calibration(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
     path = out / "calibration.safetensors" if out is not None else None
     if path is not None and path.is_file():
         calib = load_calibration(path, fp)
