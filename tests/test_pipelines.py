@@ -208,6 +208,14 @@ def test_ddpm_pixel_pipeline_end_to_end(pipes, tmp_path, capsys):
     assert layers[0]["w_bits"] == 8 and layers[-1]["w_bits"] == 8 and layers[1]["w_bits"] == 4
 
 
+def test_ddim_pipeline_end_to_end_mixed_precision(pipes, tmp_path, capsys):
+    model_dir = pipes("ddim")
+    run, images, cfg = _end_to_end(model_dir, tmp_path, capsys, "--mixed-precision", "4,8")
+    assert images.shape == (3, 8, 8, 1) and cfg["correction"]["mixed_precision"] == [4, 8]
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert "A" in rec["bit_schedule"] and rec["sampling_bops"] > 0
+
+
 def test_ddim_pipeline_fp_sample_and_evaluate_shape_error(pipes, tmp_path, capsys):
     model_dir = pipes("ddim")
     npz = tmp_path / "fp.npz"
