@@ -161,6 +161,7 @@ def load(name_or_path: str | Path, prompts: list[str] | None = None, cache_dir: 
         elif not path.is_dir():
             raise PtqdError(f"model path {path} is a file; pass the model directory (a diffusers pipeline saved with save_pretrained)")
         else:
+            path = path.resolve()  # runs record the absolute path: they load from any working directory
             name = path.name
     model = _load_dir(path, name=name)
     if prompts is not None:
