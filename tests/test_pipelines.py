@@ -289,6 +289,8 @@ def test_stable_diffusion_pipeline_end_to_end_with_prompts(pipes, tmp_path, caps
     # cross-attention layers are quantized (to_k/to_v read the text context)
     names = [n for n, _ in quant_layers(load_run(run).qnet)]
     assert any(n.endswith("attn2.to_k") for n in names)
+    layers = json.loads((run / "summary.json").read_text())["layers"]
+    assert (layers[0]["name"], layers[-1]["name"]) == ("conv_in", "conv_out") and layers[-1]["w_bits"] == 8
     # sampling with other prompts reuses the run (prompt ids index the new file)
     other = tmp_path / "other.txt"
     other.write_text("a yellow dog\n")
