@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images and save them as .npz")
     s.add_argument("run", nargs="?", type=Path, default=None, help="quantization run directory (from `ptqd quantize`)")
-    s.add_argument("--model", default=None, help="bundled model name or model directory (full precision)")
+    s.add_argument("--model", default=None, help="bundled model name, diffusers pipeline directory or cached hub id (full precision)")
+    s.add_argument("--prompts", type=Path, default=None, help="text-to-image models: prompts file, one per line (default for a run: its calibration prompts)")
     s.add_argument(
         "--act-bits", default=None,
         help="activation bits of a run: one it was calibrated for, or 'mixed' (per step; default for a PTQD mixed-precision run)",
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("quantize", help="quantize a model and calibrate it; writes a run directory")
-    q.add_argument("--model", required=True, help="bundled model name or model directory")
+    q.add_argument("--model", required=True, help="bundled model name, diffusers pipeline directory or cached hub id")
+    q.add_argument("--prompts", type=Path, default=None, help="text-to-image models: prompts file (one per line) for calibration and statistics")
     q.add_argument("--weight-bits", type=int, default=8)
     q.add_argument("--act-bits", type=int, default=8)
     q.add_argument("--extra-act-bits", type=_labels, default=[], help="more activation bit-widths to calibrate, e.g. 4")
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-iters", type=int, default=100, help="step-size learning iterations per block and bit-width (qdiff)")
     q.add_argument("--recon-batch", type=int, default=32)
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
+    q.add_argument("--device", default="cpu", help="torch device to calibrate on (cpu, cuda, …); the run directory loads anywhere")
     q.add_argument("--out", type=Path, required=True, help="run directory")
     q.add_argument("--no-progress", action="store_true")
 
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default="digits16", help="bundled reference name or reference .npz")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: metrics.json beside the samples)")
 
+    c = sub.add_parser("convert-ldm", help="convert an original CompVis class-conditional LDM checkpoint (e.g. cin256-v2)")
+    c.add_argument("checkpoint", type=Path, help="the original .ckpt (or .safetensors)")
+    c.add_argument("--config", type=Path, required=True, help="its original YAML config, e.g. configs/latent-diffusion/cin256-v2.yaml")
+    c.add_argument("--out", type=Path, required=True, help="model directory to write (use it as --model)")
+    c.add_argument("--null-class", type=int, default=None, help="the unconditional class id (default: the last row of the class table)")
+
     d = sub.add_parser("demo", help="FP32 vs naive, Q-Diffusion and PTQD W4A8 on the bundled model: table + report.md")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--quick", action="store_true", help="a one-minute version (few images, few steps, short calibration)")
@@ -145,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         from ptqd.errors import PtqdError
         from ptqd.models import load
+        from ptqd.models.adapters import read_prompts
         from ptqd.runs import load_run
         from ptqd.sampling import SamplerConfig, sample, save_samples
 
@@ -155,7 +165,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.run is not None:
             from ptqd.correction import plan_sampling
 
-            run = load_run(args.run).to(args.device)
+            run = load_run(args.run)
+            if args.prompts is not None:
+                run.fp = run.fp.with_prompts(read_prompts(args.prompts))
+            run.to(args.device)
             if guidance is None:
                 guidance = run.config["calibration"].get("guidance") or 1.0
             config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
@@ -171,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
                 raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
-            model = load(args.model).to(args.device)
+            model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
             config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
         samples = sample(
             model, args.num, config, labels=args.labels, progress=not args.no_progress,
@@ -209,6 +222,11 @@ def _run(args: argparse.Namespace) -> int:
         print(format_compare(rows))
         if args.out is not None:
             print(f"wrote {write_compare(rows, args.out)}")
+    elif args.command == "convert-ldm":
+        from ptqd.models.convert import convert_compvis_ldm
+
+        out = convert_compvis_ldm(args.checkpoint, args.config, args.out, null_class=args.null_class)
+        print(f"wrote {out}; quantize it with `ptqd quantize --model {out} ...`")
     elif args.command == "demo":
         from ptqd.demo import run_demo
 
@@ -227,11 +245,12 @@ def _quantize(args: argparse.Namespace) -> None:
     from ptqd.calibration import CalibrationOptions
     from ptqd.metrics import format_table
     from ptqd.models import load
+    from ptqd.models.adapters import read_prompts
     from ptqd.quant import QuantConfig
     from ptqd.runs import quantize
     from ptqd.sampling import SamplerConfig
 
-    model = load(args.model)
+    model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
     config = QuantConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,

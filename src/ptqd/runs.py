@@ -76,6 +76,11 @@ class QuantizedRun:
         return self
 
 
+def _device(model: DiffusionModel) -> torch.device:
+    p = next(model.unet.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def example_forward(model: DiffusionModel, batch: int = 1):
     """A function running one denoiser forward on a fixed input (for split detection and BOPs)."""
     g = torch.Generator().manual_seed(0)
@@ -176,12 +181,15 @@ def quantize(
         "ptqd": __version__,
         "model": fp.name if fp.path is None or fp.name != fp.path.name else str(fp.path),
         "model_fingerprint": fp.fingerprint(),
+        "model_kind": fp.describe(),
         "method": method,
         "quant": config.to_dict(),
         "calibration": {"num_samples": calib_samples, "num_steps": calib_steps, **asdict(sampler)},
         "options": asdict(options),
         "torch_threads": torch.get_num_threads(),
     }
+    if fp.prompts is not None:
+        run_config["prompts"] = fp.prompts  # calibration, statistics and default sampling prompts
     if ptqd_cfg is not None:
         run_config["correction"] = ptqd_cfg
     out = Path(out) if out is not None else None
@@ -196,6 +204,7 @@ def quantize(
     calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
     t0 = time.perf_counter()
     qnet = wrap_model(fp.unet, config, run_once=example_forward(fp))
+    qnet.to(_device(fp))  # new quantizer modules start on the CPU; calibrate where the model is
     summary = calibrate(fp, qnet, calib, options, progress=progress)
     summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)
     summary.update(measure(fp, qnet))
@@ -229,6 +238,14 @@ def _ptqd_stats(run: QuantizedRun, sampler: SamplerConfig, ptqd_cfg: dict | None
 
 
 def _calibration_data(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
+    """The run's calibration inputs (reused from the run directory when they match), on the model's device."""
+    calib = _find_calibration(fp, out, num, steps, sampler, seed, progress)
+    dev = _device(fp)
+    labels = calib.labels.to(dev) if calib.labels is not None else None
+    return dataclasses.replace(calib, x=calib.x.to(dev), t=calib.t.to(dev), labels=labels)
+
+
+def _find_calibration(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
     path = out / "calibration.safetensors" if out is not None else None
     if path is not None and path.is_file():
         calib = load_calibration(path, fp)
@@ -251,7 +268,7 @@ def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
     if not cfg_file.is_file():
         return None
     old = json.loads(cfg_file.read_text())
-    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction")
+    keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction", "prompts")
     diff = [k for k in keys if old.get(k) != run_config.get(k)]
     if diff:
         raise PtqdError(
@@ -288,7 +305,7 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
     if not state_file.is_file():
         raise PtqdError(f"{path} has no quant_state.safetensors: the run did not finish; rerun the same `ptqd quantize`")
     config = json.loads(cfg_file.read_text())
-    fp = model or load(config["model"])
+    fp = model or load(config["model"], prompts=config.get("prompts"))
     if fp.fingerprint() != config["model_fingerprint"]:
         raise PtqdError(
             f"run {path} was made from a model with fingerprint {config['model_fingerprint']}, but {config['model']} "
@@ -296,6 +313,7 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
         )
     qconfig = QuantConfig.from_dict(config["quant"])
     qnet = wrap_model(fp.unet, qconfig, run_once=example_forward(fp))
+    qnet.to(_device(fp))
     try:
         state = load_file(str(state_file))
     except Exception as e:

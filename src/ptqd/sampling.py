@@ -73,7 +73,7 @@ def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Gener
 
 
 def default_labels(model: DiffusionModel, num: int, labels: list[int] | None = None) -> np.ndarray | None:
-    """Labels for ``num`` samples: the given list cycled, or 0..9 cycled for a conditional model."""
+    """Labels for ``num`` samples: the given list cycled, or all class ids (prompt ids) cycled for a conditional model."""
     if not model.conditional:
         if labels:
             raise PtqdError(f"model {model.name} is unconditional: it takes no class labels")
@@ -137,11 +137,13 @@ def sample(
                 kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
                 x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
             bar.update(1)
-        out.append(to_uint8(x.cpu()))
+        out.append(to_uint8(model.to_images(x).cpu()))  # latent models: the FP decoder makes the images
     bar.close()
     record = {"model": model.name, "model_fingerprint": model.fingerprint(), "num": num, **asdict(config)}
     if not model.conditional:
         record["guidance"] = None
+    if model.prompts is not None:
+        record["prompts"] = model.prompts
     if corrector is not None:
         record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
     return Samples(np.concatenate(out), label_arr, record)

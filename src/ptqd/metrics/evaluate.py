@@ -30,8 +30,9 @@ def evaluate(
     """
     if images.ndim != 4 or images.shape[1:] != (16, 16, 1):
         raise PtqdError(
-            f"the bundled digit metrics need 16x16 grayscale images (N, 16, 16, 1), got {images.shape}; "
-            "use a reference and feature network made for your images"
+            f"the bundled digit metrics need 16x16 grayscale images (N, 16, 16, 1), got {images.shape}: they fit the "
+            "bundled digits models only; for your own model's samples use Inception-feature metrics (FID/sFID/IS against "
+            "a reference set of real images of that size), or a reference and feature network made for your images"
         )
     if len(images) < 10:
         raise PtqdError(f"need at least 10 images to estimate the metrics, got {len(images)}")

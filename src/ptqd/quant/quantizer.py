@@ -113,7 +113,7 @@ def search_qparams(
         if not 50.0 < percentile <= 100.0:
             raise PtqdError(f"percentile must lie in (50, 100], got {percentile}")
         flat = x.reshape(1, -1) if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1)
-        q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
+        q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=flat.device)
         if flat.shape[1] > 2**24:  # torch.quantile's limit: use an even subsample
             flat = flat[:, :: flat.shape[1] // 2**23 + 1]
         qs = torch.quantile(flat, q, dim=1)
