@@ -179,7 +179,7 @@ def quantize(
     sampler = dataclasses.replace(sampler, seed=calib_seed)
     run_config = {
         "ptqd": __version__,
-        "model": fp.name if fp.path is None or fp.name != fp.path.name else str(fp.path),
+        "model": _model_ref(fp),
         "model_fingerprint": fp.fingerprint(),
         "model_kind": fp.describe(),
         "method": method,
@@ -326,6 +326,16 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
 
 def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "quant_state.safetensors").is_file()
+
+
+def _model_ref(fp: DiffusionModel) -> str:
+    """How a run names its model: the bundled name for zoo models (so runs move between machines),
+    else the absolute model directory."""
+    from ptqd.models.zoo import ZOO_NAMES, zoo_path
+
+    if fp.path is None or (fp.name in ZOO_NAMES and Path(fp.path).resolve() == zoo_path(fp.name).resolve()):
+        return fp.name
+    return str(fp.path)
 
 
 def read_run_info(path: str | Path) -> dict[str, Any]:
