@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--low-bit-steps", type=int, default=None, help="mixed precision override: the first N steps at the lowest bit-width")
     s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
     s.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
-    s.add_argument("--num", type=int, default=1000, help="number of images (default 1000)")
+    s.add_argument(
+        "--num", "--num-samples", dest="num", type=int, default=1000,
+        help="number of images (default 1000); under torchrun spell it --num-samples (torchrun mistakes --num for its --numa-binding)",
+    )
     s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0 = deterministic)")
@@ -45,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=250)
     s.add_argument("--out", type=Path, required=True, help="output .npz (a .json with the config is written beside it)")
+    s.add_argument(
+        "--chunk-size", type=int, default=1000,
+        help="runs larger than this (or under torchrun) are made in chunks of this many images in OUT.shards/, resumable",
+    )
+    s.add_argument("--keep-chunks", action="store_true", help="keep OUT.shards/ after merging")
     s.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("quantize", help="quantize a model and calibrate it; writes a run directory")
@@ -137,44 +145,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print("\n".join(list_models()))
     elif args.command == "sample":
-        from ptqd.errors import PtqdError
-        from ptqd.models import load
-        from ptqd.runs import load_run
-        from ptqd.sampling import SamplerConfig, sample, save_samples
-
-        if (args.run is None) == (args.model is None):
-            raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
-        guidance = args.guidance
-        plan = None
-        if args.run is not None:
-            from ptqd.correction import plan_sampling
-
-            run = load_run(args.run).to(args.device)
-            if guidance is None:
-                guidance = run.config["calibration"].get("guidance") or 1.0
-            config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
-            correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
-            from ptqd.correction import DEFAULT_CRITERION
-
-            plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
-            model = plan.model
-            for note in plan.record.get("notes", []):
-                print(f"note: {note}")
-            if "bit_schedule" in plan.record:
-                print(f"activation bits per step: {plan.record['bit_schedule']}")
-        else:
-            if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
-                raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
-            model = load(args.model).to(args.device)
-            config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
-        samples = sample(
-            model, args.num, config, labels=args.labels, progress=not args.no_progress,
-            denoise=plan.denoise if plan else None, corrector=plan.corrector if plan else None,
-        )
-        if plan is not None:
-            samples.config.update(plan.record)
-        path = save_samples(samples, args.out)
-        print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
+        _distributed(_sample, args)
     elif args.command == "evaluate":
         from ptqd.io import write_json
         from ptqd.metrics import evaluate, format_table
@@ -190,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "quantize":
         _quantize(args)
     elif args.command == "stats":
-        _stats(args)
+        _distributed(_stats, args)
     elif args.command == "report":
         from ptqd.report import write_report
 
@@ -201,6 +172,68 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
+
+
+def _sample(args: argparse.Namespace, ctx, device: str) -> None:
+    from ptqd.errors import PtqdError
+    from ptqd.models import load
+    from ptqd.runs import load_run
+    from ptqd.sampling import SamplerConfig, sample, save_samples
+
+    if (args.run is None) == (args.model is None):
+        raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
+    guidance = args.guidance
+    plan = None
+    if args.run is not None:
+        from ptqd.correction import plan_sampling
+
+        run = load_run(args.run).to(device)
+        if guidance is None:
+            guidance = run.config["calibration"].get("guidance") or 1.0
+        config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
+        correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
+        from ptqd.correction import DEFAULT_CRITERION
+
+        plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
+        model = plan.model
+        if ctx.main:
+            for note in plan.record.get("notes", []):
+                print(f"note: {note}")
+            if "bit_schedule" in plan.record:
+                print(f"activation bits per step: {plan.record['bit_schedule']}")
+    else:
+        if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
+            raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
+        model = load(args.model).to(device)
+        config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
+    denoise, corrector = (plan.denoise, plan.corrector) if plan else (None, None)
+    if ctx.active or args.num > args.chunk_size:  # chunked, resumable, split across torchrun ranks
+        from ptqd.shards import sample_to_file
+
+        path = sample_to_file(
+            model, args.num, config, args.out, labels=args.labels, progress=not args.no_progress, denoise=denoise,
+            corrector=corrector, record=plan.record if plan else None, chunk_size=args.chunk_size,
+            keep_chunks=args.keep_chunks, ctx=ctx,
+        )
+        if ctx.main:
+            print(f"wrote {args.num} images to {path} (config: {path.with_suffix('.json')})")
+        return
+    samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
+    if plan is not None:
+        samples.config.update(plan.record)
+    path = save_samples(samples, args.out)
+    print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
+
+
+def _distributed(fn, args: argparse.Namespace) -> None:
+    """Run ``fn(args, ctx, device)`` in torchrun's process group (a no-op without torchrun)."""
+    from ptqd import distributed
+
+    ctx, device = distributed.setup(args.device)
+    try:
+        fn(args, ctx, device)
+    finally:
+        distributed.teardown()
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -260,14 +293,14 @@ def _quantize(args: argparse.Namespace) -> None:
         _print_stats(run, run.stats)
 
 
-def _stats(args: argparse.Namespace) -> None:
+def _stats(args: argparse.Namespace, ctx, device: str) -> None:
     import dataclasses
 
     from ptqd.correction import StatsRequest, collect_stats
     from ptqd.runs import load_run
     from ptqd.sampling import SamplerConfig
 
-    run = load_run(args.run).to(args.device)
+    run = load_run(args.run).to(device)
     cal = run.config["calibration"]
     ptqd_cfg = run.config.get("correction") or {}
     sampler = SamplerConfig(
@@ -287,7 +320,8 @@ def _stats(args: argparse.Namespace) -> None:
         mean_of=args.mean_of,
     )
     stats = collect_stats(run, request, out=args.run, progress=not args.no_progress)
-    _print_stats(run, stats)
+    if ctx.main:
+        _print_stats(run, stats)
 
 
 def _print_stats(run, stats) -> None:
