@@ -118,8 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="sample-quality metrics of a samples .npz")
     e.add_argument("samples", type=Path)
-    e.add_argument("--reference", default="digits16", help="bundled reference name or reference .npz")
+    e.add_argument(
+        "--evaluator", choices=["digits", "inception"], default="digits",
+        help="digits: the bundled digit classifier (offline); inception: FID/sFID/IS/precision/recall as the ADM evaluator",
+    )
+    e.add_argument(
+        "--reference", default=None,
+        help="digits: bundled reference name or reference .npz (default digits16); inception: reference batch .npz (ADM's or `ptqd reference`)",
+    )
+    e.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    e.add_argument("--device", default="cpu", help="device of the Inception network")
+    e.add_argument("--batch-size", type=int, default=100, help="Inception batch size")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: metrics.json beside the samples)")
+    e.add_argument("--no-progress", action="store_true")
+
+    rf = sub.add_parser("reference", help="build an Inception reference batch (.npz, ADM format) from real images")
+    rf.add_argument("images", type=Path, help=".npz with images (or ADM's arr_0), or a directory of image files of one size")
+    rf.add_argument("--out", type=Path, required=True, help="reference .npz")
+    rf.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    rf.add_argument("--name", default=None, help="name recorded in the reference (default: the file name)")
+    rf.add_argument("--device", default="cpu")
+    rf.add_argument("--batch-size", type=int, default=100)
+    rf.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="sample the bundled model and evaluate it")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -149,15 +169,33 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from ptqd.io import write_json
         from ptqd.metrics import evaluate, format_table
-        from ptqd.sampling import load_samples
 
-        samples = load_samples(args.samples)
-        metrics = evaluate(samples.images, samples.labels, reference=args.reference)
+        if args.evaluator == "inception":
+            metrics = _evaluate_inception(args)
+            columns = ["fid", "sfid", "is", "precision", "recall", "num_samples"]
+        else:
+            from ptqd.errors import PtqdError
+            from ptqd.sampling import load_samples
+
+            if args.inception is not None:
+                raise PtqdError("--inception needs --evaluator inception")
+            samples = load_samples(args.samples)
+            metrics = evaluate(samples.images, samples.labels, reference=args.reference or "digits16")
+            columns = None
         metrics["samples"] = str(args.samples)
         out = args.out or args.samples.parent / "metrics.json"
         write_json(out, metrics)
-        print(format_table([{"name": args.samples.name, **metrics}]))
+        print(format_table([{"name": args.samples.name, **metrics}], columns))
         print(f"wrote {out}")
+    elif args.command == "reference":
+        from ptqd.metrics.inception import load_inception
+        from ptqd.metrics.standard import build_reference, read_images, save_reference
+
+        images = read_images(args.images)
+        inception = load_inception(args.inception, args.device)
+        ref = build_reference(images, inception, args.name or args.out.name, args.batch_size, not args.no_progress)
+        save_reference(ref, args.out)
+        print(f"wrote {args.out}: Inception statistics of {ref.num_images} images (weights {inception.fingerprint})")
     elif args.command == "quantize":
         _quantize(args)
     elif args.command == "stats":
@@ -223,6 +261,22 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         samples.config.update(plan.record)
     path = save_samples(samples, args.out)
     print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
+
+
+def _evaluate_inception(args: argparse.Namespace) -> dict:
+    from ptqd.errors import PtqdError
+    from ptqd.metrics.inception import load_inception
+    from ptqd.metrics.standard import evaluate_standard, load_reference, read_images
+
+    if args.reference is None or not Path(args.reference).suffix == ".npz":
+        raise PtqdError(
+            "--evaluator inception needs --reference REF.npz: a reference batch from ADM (guided-diffusion) "
+            "or one built with `ptqd reference IMAGES --out REF.npz --inception WEIGHTS`"
+        )
+    images = read_images(args.samples)
+    inception = load_inception(args.inception, args.device)
+    ref = load_reference(args.reference, inception, args.batch_size, not args.no_progress)
+    return evaluate_standard(images, ref, inception, args.batch_size, not args.no_progress)
 
 
 def _distributed(fn, args: argparse.Namespace) -> None:
