@@ -16,7 +16,7 @@ import numpy as np
 
 from ptqd import distributed
 from ptqd.chunks import ChunkStore
-from ptqd.sampling import SamplerConfig, Samples, load_samples, sample, sample_record, save_samples
+from ptqd.sampling import SamplerConfig, Samples, sample, sample_record, save_samples
 
 DEFAULT_CHUNK = 1000
 
@@ -24,6 +24,15 @@ DEFAULT_CHUNK = 1000
 def shard_dir(out: str | Path) -> Path:
     """Where the chunks of ``OUT.npz`` live: ``OUT.shards/``."""
     return Path(out).with_suffix(".shards")
+
+
+def _saved_config(path: Path) -> dict | None:
+    """The config stored in a samples file, without reading its images (None if unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["config"]))
+    except Exception:
+        return None
 
 
 def sample_to_file(
@@ -61,12 +70,7 @@ def sample_to_file(
     store = ChunkStore(shard_dir(out), job)
     ranges = distributed.chunk_ranges(num, chunk_size)
 
-    done = False
-    if ctx.main and out.is_file() and not store.root.exists():
-        try:
-            done = load_samples(out).config == full
-        except PtqdError:
-            done = False
+    done = ctx.main and out.is_file() and not store.root.exists() and _saved_config(out) == full
     if distributed.broadcast(done, ctx):
         if ctx.main and progress:
             print(f"{out} already holds these {num} samples; nothing to do")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptqd import distributed
 from ptqd.correction.corrector import Corrector, parse_parts
 from ptqd.correction.mixed import DEFAULT_CRITERION, bit_schedule, describe_schedule, sampling_bops
 from ptqd.correction.stats import (
@@ -31,7 +32,6 @@ from ptqd.correction.stats import (
     stats_meta,
     stats_name,
 )
-from ptqd import distributed
 from ptqd.errors import PtqdError
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.wrap import current_act_bits, quant_state, set_act_bits
