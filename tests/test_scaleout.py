@@ -57,6 +57,16 @@ def _torchrun(args, cwd, timeout=240):
     return res
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use one thread, like the torchrun ranks (OMP_NUM_THREADS=1), so float sums run
+    in the same order and byte-for-byte comparisons across processes are fair."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load("digits16-cond")
@@ -143,7 +153,14 @@ def test_noise_statistics_split_over_two_gloo_processes(tmp_path):
         from ptqd.sampling import SamplerConfig
 
         def run(out, partial=None):
-            torch.manual_seed(0)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the torchrun ranks (OMP_NUM_THREADS=1): same float summation order
+            try:
+                _run(out, partial)
+            finally:
+                torch.set_num_threads(threads)
+
+        def _run(out, partial):
             model = load("digits16")
             q = lambda b, x, t, y, g: model.denoise(x, t, y, g) * (1 + b / 100) + 0.01 * torch.sin(37 * x)
             ctx, _ = distributed.setup("cpu")
@@ -156,8 +173,9 @@ def test_noise_statistics_split_over_two_gloo_processes(tmp_path):
             run(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
     """))
     _torchrun([str(script), str(tmp_path / "dist"), str(tmp_path / "parts")], cwd=tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single")], check=True, env=env, timeout=120)
+    import runpy
+
+    runpy.run_path(str(script))["run"](str(tmp_path / "single"))  # one process, in this one
     single = np.load(tmp_path / "single.rank0.npz")
     for rank in (0, 1):
         dist = np.load(tmp_path / f"dist.rank{rank}.npz")
