@@ -133,7 +133,7 @@ def test_torchrun_two_gloo_processes_resume(model, uninterrupted, tmp_path):
          "--chunk-size", str(CHUNK), "--out", str(out), "--no-progress", "--keep-chunks"],
         cwd=tmp_path,
     )
-    assert res.stdout.count("wrote 32 images") == 1  # rank 0 reports
+    assert res.stdout.count("32 images in") == 1  # rank 0 reports
     assert out.read_bytes() == uninterrupted.read_bytes()
     files = {f.name: f for f in shard_dir(out).glob("chunk_*.npz")}
     assert len(files) == NUM // CHUNK

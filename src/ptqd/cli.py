@@ -254,7 +254,7 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
             keep_chunks=args.keep_chunks, ctx=ctx,
         )
         if ctx.main:
-            print(f"wrote {args.num} images to {path} (config: {path.with_suffix('.json')})")
+            print(f"{args.num} images in {path} (config: {path.with_suffix('.json')})")
         return
     samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
     if plan is not None:
@@ -273,6 +273,8 @@ def _evaluate_inception(args: argparse.Namespace) -> dict:
             "--evaluator inception needs --reference REF.npz: a reference batch from ADM (guided-diffusion) "
             "or one built with `ptqd reference IMAGES --out REF.npz --inception WEIGHTS`"
         )
+    if not Path(args.reference).is_file():
+        raise PtqdError(f"reference batch {args.reference} does not exist; build one with `ptqd reference IMAGES --out REF.npz`")
     images = read_images(args.samples)
     inception = load_inception(args.inception, args.device)
     ref = load_reference(args.reference, inception, args.batch_size, not args.no_progress)

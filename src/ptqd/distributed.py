@@ -173,7 +173,6 @@ def run_chunks(
             store.write(start, stop, arrays)
         if collect:
             computed[(start, stop)] = arrays
-        bar.update(1)
     bar.close()
     if not collect:
         barrier(ctx)
