@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--low-bit-steps", type=int, default=None, help="mixed precision override: the first N steps at the lowest bit-width")
     s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
     s.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
-    s.add_argument("--num", type=int, default=1000, help="number of images (default 1000)")
+    s.add_argument(
+        "--num", "--num-samples", dest="num", type=int, default=1000,
+        help="number of images (default 1000); under torchrun spell it --num-samples (torchrun mistakes --num for its --numa-binding)",
+    )
     s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0 = deterministic)")
@@ -46,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=250)
     s.add_argument("--out", type=Path, required=True, help="output .npz (a .json with the config is written beside it)")
+    s.add_argument(
+        "--chunk-size", type=int, default=1000,
+        help="runs larger than this (or under torchrun) are made in chunks of this many images in OUT.shards/, resumable",
+    )
+    s.add_argument("--keep-chunks", action="store_true", help="keep OUT.shards/ after merging")
     s.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("quantize", help="quantize a model and calibrate it; writes a run directory")
@@ -117,8 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="sample-quality metrics of a samples .npz")
     e.add_argument("samples", type=Path)
-    e.add_argument("--reference", default="digits16", help="bundled reference name or reference .npz")
+    e.add_argument(
+        "--evaluator", choices=["digits", "inception"], default="digits",
+        help="digits: the bundled digit classifier (offline); inception: FID/sFID/IS/precision/recall as the ADM evaluator",
+    )
+    e.add_argument(
+        "--reference", default=None,
+        help="digits: bundled reference name or reference .npz (default digits16); inception: reference batch .npz (ADM's or `ptqd reference`)",
+    )
+    e.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    e.add_argument("--device", default="cpu", help="device of the Inception network")
+    e.add_argument("--batch-size", type=int, default=100, help="Inception batch size")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: metrics.json beside the samples)")
+    e.add_argument("--no-progress", action="store_true")
+
+    rf = sub.add_parser("reference", help="build an Inception reference batch (.npz, ADM format) from real images")
+    rf.add_argument("images", type=Path, help=".npz with images (or ADM's arr_0), or a directory of image files of one size")
+    rf.add_argument("--out", type=Path, required=True, help="reference .npz")
+    rf.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    rf.add_argument("--name", default=None, help="name recorded in the reference (default: the file name)")
+    rf.add_argument("--device", default="cpu")
+    rf.add_argument("--batch-size", type=int, default=100)
+    rf.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser("convert-ldm", help="convert an original CompVis class-conditional LDM checkpoint (e.g. cin256-v2)")
     c.add_argument("checkpoint", type=Path, help="the original .ckpt (or .safetensors)")
@@ -152,64 +180,41 @@ def _run(args: argparse.Namespace) -> int:
 
         print("\n".join(list_models()))
     elif args.command == "sample":
-        from ptqd.errors import PtqdError
-        from ptqd.models import load
-        from ptqd.models.adapters import read_prompts
-        from ptqd.runs import load_run
-        from ptqd.sampling import SamplerConfig, sample, save_samples
-
-        if (args.run is None) == (args.model is None):
-            raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
-        guidance = args.guidance
-        plan = None
-        if args.run is not None:
-            from ptqd.correction import plan_sampling
-
-            run = load_run(args.run)
-            if args.prompts is not None:
-                run.fp = run.fp.with_prompts(read_prompts(args.prompts))
-            run.to(args.device)
-            if guidance is None:
-                guidance = run.config["calibration"].get("guidance") or 1.0
-            config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
-            correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
-            from ptqd.correction import DEFAULT_CRITERION
-
-            plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
-            model = plan.model
-            for note in plan.record.get("notes", []):
-                print(f"note: {note}")
-            if "bit_schedule" in plan.record:
-                print(f"activation bits per step: {plan.record['bit_schedule']}")
-        else:
-            if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
-                raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
-            model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
-            config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
-        samples = sample(
-            model, args.num, config, labels=args.labels, progress=not args.no_progress,
-            denoise=plan.denoise if plan else None, corrector=plan.corrector if plan else None,
-        )
-        if plan is not None:
-            samples.config.update(plan.record)
-        path = save_samples(samples, args.out)
-        print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
+        _distributed(_sample, args)
     elif args.command == "evaluate":
         from ptqd.io import write_json
         from ptqd.metrics import evaluate, format_table
-        from ptqd.sampling import load_samples
 
-        samples = load_samples(args.samples)
-        metrics = evaluate(samples.images, samples.labels, reference=args.reference)
+        if args.evaluator == "inception":
+            metrics = _evaluate_inception(args)
+            columns = ["fid", "sfid", "is", "precision", "recall", "num_samples"]
+        else:
+            from ptqd.errors import PtqdError
+            from ptqd.sampling import load_samples
+
+            if args.inception is not None:
+                raise PtqdError("--inception needs --evaluator inception")
+            samples = load_samples(args.samples)
+            metrics = evaluate(samples.images, samples.labels, reference=args.reference or "digits16")
+            columns = None
         metrics["samples"] = str(args.samples)
         out = args.out or args.samples.parent / "metrics.json"
         write_json(out, metrics)
-        print(format_table([{"name": args.samples.name, **metrics}]))
+        print(format_table([{"name": args.samples.name, **metrics}], columns))
         print(f"wrote {out}")
+    elif args.command == "reference":
+        from ptqd.metrics.inception import load_inception
+        from ptqd.metrics.standard import build_reference, read_images, save_reference
+
+        images = read_images(args.images)
+        inception = load_inception(args.inception, args.device)
+        ref = build_reference(images, inception, args.name or args.out.name, args.batch_size, not args.no_progress)
+        save_reference(ref, args.out)
+        print(f"wrote {args.out}: Inception statistics of {ref.num_images} images (weights {inception.fingerprint})")
     elif args.command == "quantize":
         _quantize(args)
     elif args.command == "stats":
-        _stats(args)
+        _distributed(_stats, args)
     elif args.command == "report":
         from ptqd.report import write_report
 
@@ -228,9 +233,8 @@ def _run(args: argparse.Namespace) -> int:
         out = convert_compvis_ldm(args.checkpoint, args.config, args.out, null_class=args.null_class)
         print(f"wrote {out}; quantize it with `ptqd quantize --model {out} ...`")
     elif args.command == "demo":
-        from ptqd.demo import run_demo
-
-        from ptqd.demo import DemoSettings
+        from ptqd.demo import DemoSettings, run_demo
+        from ptqd.errors import PtqdError
 
         settings = DemoSettings.quick() if args.quick else DemoSettings()
         if args.num is not None:
@@ -239,6 +243,90 @@ def _run(args: argparse.Namespace) -> int:
             settings.num = settings.batch_size = args.num
         run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, settings=settings)
     return 0
+
+
+def _sample(args: argparse.Namespace, ctx, device: str) -> None:
+    from ptqd.errors import PtqdError
+    from ptqd.models import load
+    from ptqd.models.adapters import read_prompts
+    from ptqd.runs import load_run
+    from ptqd.sampling import SamplerConfig, sample, save_samples
+
+    if (args.run is None) == (args.model is None):
+        raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
+    guidance = args.guidance
+    plan = None
+    if args.run is not None:
+        from ptqd.correction import plan_sampling
+
+        run = load_run(args.run)
+        if args.prompts is not None:
+            run.fp = run.fp.with_prompts(read_prompts(args.prompts))
+        run.to(device)
+        if guidance is None:
+            guidance = run.config["calibration"].get("guidance") or 1.0
+        config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
+        correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
+        from ptqd.correction import DEFAULT_CRITERION
+
+        plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
+        model = plan.model
+        if ctx.main:
+            for note in plan.record.get("notes", []):
+                print(f"note: {note}")
+            if "bit_schedule" in plan.record:
+                print(f"activation bits per step: {plan.record['bit_schedule']}")
+    else:
+        if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
+            raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
+        model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(device)
+        config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
+    denoise, corrector = (plan.denoise, plan.corrector) if plan else (None, None)
+    if ctx.active or args.num > args.chunk_size:  # chunked, resumable, split across torchrun ranks
+        from ptqd.shards import sample_to_file
+
+        path = sample_to_file(
+            model, args.num, config, args.out, labels=args.labels, progress=not args.no_progress, denoise=denoise,
+            corrector=corrector, record=plan.record if plan else None, chunk_size=args.chunk_size,
+            keep_chunks=args.keep_chunks, ctx=ctx,
+        )
+        if ctx.main:
+            print(f"{args.num} images in {path} (config: {path.with_suffix('.json')})")
+        return
+    samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
+    if plan is not None:
+        samples.config.update(plan.record)
+    path = save_samples(samples, args.out)
+    print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
+
+
+def _evaluate_inception(args: argparse.Namespace) -> dict:
+    from ptqd.errors import PtqdError
+    from ptqd.metrics.inception import load_inception
+    from ptqd.metrics.standard import evaluate_standard, load_reference, read_images
+
+    if args.reference is None or not Path(args.reference).suffix == ".npz":
+        raise PtqdError(
+            "--evaluator inception needs --reference REF.npz: a reference batch from ADM (guided-diffusion) "
+            "or one built with `ptqd reference IMAGES --out REF.npz --inception WEIGHTS`"
+        )
+    if not Path(args.reference).is_file():
+        raise PtqdError(f"reference batch {args.reference} does not exist; build one with `ptqd reference IMAGES --out REF.npz`")
+    images = read_images(args.samples)
+    inception = load_inception(args.inception, args.device)
+    ref = load_reference(args.reference, inception, args.batch_size, not args.no_progress)
+    return evaluate_standard(images, ref, inception, args.batch_size, not args.no_progress)
+
+
+def _distributed(fn, args: argparse.Namespace) -> None:
+    """Run ``fn(args, ctx, device)`` in torchrun's process group (a no-op without torchrun)."""
+    from ptqd import distributed
+
+    ctx, device = distributed.setup(args.device)
+    try:
+        fn(args, ctx, device)
+    finally:
+        distributed.teardown()
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -299,14 +387,14 @@ def _quantize(args: argparse.Namespace) -> None:
         _print_stats(run, run.stats)
 
 
-def _stats(args: argparse.Namespace) -> None:
+def _stats(args: argparse.Namespace, ctx, device: str) -> None:
     import dataclasses
 
     from ptqd.correction import StatsRequest, collect_stats
     from ptqd.runs import load_run
     from ptqd.sampling import SamplerConfig
 
-    run = load_run(args.run).to(args.device)
+    run = load_run(args.run).to(device)
     cal = run.config["calibration"]
     ptqd_cfg = run.config.get("correction") or {}
     sampler = SamplerConfig(
@@ -326,7 +414,8 @@ def _stats(args: argparse.Namespace) -> None:
         mean_of=args.mean_of,
     )
     stats = collect_stats(run, request, out=args.run, progress=not args.no_progress)
-    _print_stats(run, stats)
+    if ctx.main:
+        _print_stats(run, stats)
 
 
 def _print_stats(run, stats) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ptqd.errors import PtqdError
 from ptqd.images import to_uint8
-from ptqd.io import atomic_path, write_json
+from ptqd.io import write_json, write_npz
 from ptqd.models.loading import DiffusionModel
 
 SCHEDULERS = ("ddim", "ddpm")
@@ -100,8 +100,12 @@ def sample(
     progress: bool = True,
     denoise: DenoiseFn | None = None,
     corrector=None,
+    first: int = 0,
 ) -> Samples:
     """Generate ``num`` images. ``denoise(x, t, labels, guidance)`` defaults to ``model.denoise``.
+
+    ``first`` makes these samples ``first .. first + num - 1`` of a larger run (same noise and labels
+    as in the whole run): chunks of a run are generated this way (:mod:`ptqd.shards`).
 
     ``corrector`` (a :class:`ptqd.correction.Corrector`) takes each step instead of the scheduler
     alone: it corrects the noise prediction and, with VSC, the sampler's noise. Sampling runs on the
@@ -113,7 +117,10 @@ def sample(
     config.validate()
     if num < 1:
         raise PtqdError(f"number of samples must be at least 1, got {num}")
-    label_arr = default_labels(model, num, list(labels) if labels is not None else None)
+    if first < 0:
+        raise PtqdError(f"first sample index must be at least 0, got {first}")
+    label_arr = default_labels(model, first + num, list(labels) if labels is not None else None)
+    label_arr = label_arr[first:] if label_arr is not None else None
     denoise = denoise or model.denoise
     guidance = config.guidance if model.conditional else 1.0
     shape = (model.channels, model.image_size, model.image_size)
@@ -124,7 +131,7 @@ def sample(
     bar = tqdm(total=n_batches * config.steps, desc=f"sampling {model.name}", unit="step", disable=not progress)
     for b in range(n_batches):
         idx = range(b * config.batch_size, min(num, (b + 1) * config.batch_size))
-        gens = sample_generators(config.seed, idx)
+        gens = sample_generators(config.seed, range(first + idx.start, first + idx.stop))
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         y = torch.from_numpy(label_arr[idx.start : idx.stop]).to(device) if label_arr is not None else None
         scheduler = make_scheduler(model, config.scheduler, config.steps)
@@ -139,6 +146,11 @@ def sample(
             bar.update(1)
         out.append(to_uint8(model.to_images(x).cpu()))  # latent models: the FP decoder makes the images
     bar.close()
+    return Samples(np.concatenate(out), label_arr, sample_record(model, num, config, corrector))
+
+
+def sample_record(model: DiffusionModel, num: int, config: SamplerConfig, corrector=None) -> dict[str, Any]:
+    """What a sampling run records beside its images: model, sampler settings, corrector."""
     record = {"model": model.name, "model_fingerprint": model.fingerprint(), "num": num, **asdict(config)}
     if not model.conditional:
         record["guidance"] = None
@@ -146,18 +158,17 @@ def sample(
         record["prompts"] = model.prompts
     if corrector is not None:
         record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
-    return Samples(np.concatenate(out), label_arr, record)
+    return record
 
 
 def save_samples(samples: Samples, path: str | Path) -> Path:
-    """Write ``images`` (+ ``labels``) to ``.npz`` atomically, and the config to a ``.json`` beside it."""
+    """Write ``images`` (+ ``labels``) to ``.npz`` atomically (byte-reproducible), and the config to a
+    ``.json`` beside it."""
     path = Path(path)
     arrays = {"images": samples.images, "config": np.array(json.dumps(samples.config))}
     if samples.labels is not None:
         arrays["labels"] = samples.labels
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+    write_npz(path, arrays)
     write_json(path.with_suffix(".json"), samples.config)
     return path
 

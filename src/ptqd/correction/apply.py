@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptqd import distributed
 from ptqd.correction.corrector import Corrector, parse_parts
 from ptqd.correction.mixed import DEFAULT_CRITERION, bit_schedule, describe_schedule, sampling_bops
 from ptqd.correction.stats import (
@@ -80,13 +82,15 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     fp, qnet = run.fp, run.qnet
     meta = stats_meta(fp, quant_fingerprint(qnet), run.quant_config.weight_bits, request)
     path = Path(out) / stats_name(request.sampler, fp.conditional) if out is not None else None
-    partial = path.with_suffix(".partial.npz") if path is not None else None
+    partial = path.with_suffix(".parts") if path is not None else None  # finished batches: resume after a crash
     if path is not None and path.is_file():
         old = load_stats(path)
         same = all(old.meta.get(k) == v for k, v in json.loads(json.dumps(meta)).items() if k != "batch_size")
         if same and old.moments is not None:  # same collection: only the fit options changed
             stats = fit(old.moments, request.clamp_k, request.mean_of, meta)
-            save_stats(stats, path)
+            distributed.barrier(distributed.context())  # every rank has read the file before rank 0 rewrites it
+            if distributed.context().main:
+                save_stats(stats, path)
             return stats
     before = current_act_bits(qnet)
 
@@ -102,9 +106,9 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
         if before is not None:
             set_act_bits(qnet, before)
     stats = fit(moments, request.clamp_k, request.mean_of, meta)
-    if path is not None:
+    if path is not None and distributed.context().main:  # under torchrun every rank has the stats; rank 0 writes
         save_stats(stats, path)
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
     return stats
 
 

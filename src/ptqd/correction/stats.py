@@ -190,82 +190,57 @@ def collect_moments(
     progress: bool = True,
     partial: Path | None = None,
     meta: dict | None = None,
+    ctx=None,
 ) -> NoiseMoments:
     """Drive ``num_samples`` FP trajectories with ``sampler`` and record, at every step, the moments of
     the error of ``quantized(bits, x, t, labels, guidance)`` (guided output) for each bit-width.
 
-    With ``partial`` (a file path), finished batches are saved there and a rerun resumes after them.
+    Trajectories go in batches of ``sampler.batch_size``. With ``partial`` (a directory), finished
+    batches are saved there and a rerun resumes after them (batches made with other ``meta`` are
+    discarded). Under torchrun the batches are split across ranks; the per-sample moments are
+    gathered in sample order, so every rank returns exactly what one process would.
     """
-    from tqdm import tqdm
+    from ptqd import distributed
+    from ptqd.chunks import ChunkStore
 
     if num_samples < 2:
         raise PtqdError(f"noise statistics need at least 2 samples, got {num_samples}")
     sampler.validate()
+    ctx = ctx or distributed.context()
     guidance = sampler.guidance if model.conditional else 1.0
     labels = default_labels(model, num_samples)
     shape = (model.channels, model.image_size, model.image_size)
     timesteps = [int(t) for t in make_scheduler(model, sampler.scheduler, sampler.steps).timesteps]
-    chunks: list[dict[str, np.ndarray]] = []
-    done = 0
-    if partial is not None and partial.is_file():
-        chunks, done = _load_partial(partial, meta or {})
-        if progress and done:
-            print(f"resuming noise statistics from {partial}: {done}/{num_samples} samples done")
     device = _device(model)
-    n_batches = max(0, (num_samples - done + sampler.batch_size - 1) // sampler.batch_size)
-    bar = tqdm(total=n_batches * len(timesteps), desc="noise statistics", unit="step", disable=not progress)
-    start = done
-    while start < num_samples:
-        idx = range(start, min(num_samples, start + sampler.batch_size))
-        gens = sample_generators(seed, idx)
+
+    def compute(start: int, stop: int, tick) -> dict[str, np.ndarray]:
+        gens = sample_generators(seed, range(start, stop))
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        y = torch.from_numpy(labels[idx.start : idx.stop]).to(device) if labels is not None else None
+        y = torch.from_numpy(labels[start:stop]).to(device) if labels is not None else None
         scheduler = make_scheduler(model, sampler.scheduler, sampler.steps)
         x = x * scheduler.init_noise_sigma
         per_step: list[list[dict[str, np.ndarray]]] = []
         for t in scheduler.timesteps:
             eps = model.denoise(x, t, y, guidance)
-            row = [sample_moments(eps, quantized(b, x, t, y, guidance) - eps) for b in bits]
-            per_step.append(row)
+            per_step.append([sample_moments(eps, quantized(b, x, t, y, guidance) - eps) for b in bits])
             kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
             x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
-            bar.update(1)
-        chunk = {
+            tick()
+        return {
             name: np.stack([np.stack([per_step[s][b][name] for s in range(len(timesteps))]) for b in range(len(bits))])
             for name in per_step[0][0]
         }
-        chunks.append(chunk)
-        start = idx.stop
-        if partial is not None:
-            _save_partial(partial, chunks, start, meta or {})
-    bar.close()
-    m = {name: np.concatenate([c[name] for c in chunks], axis=2) for name in chunks[0]}
+
+    store = None
+    if partial is not None:
+        store = ChunkStore(partial, {**(meta or {}), "bits": list(bits), "seed": seed, "batch_size": sampler.batch_size})
+    ranges = distributed.chunk_ranges(num_samples, sampler.batch_size)
+    results = distributed.run_chunks(
+        ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
+        restart_on_mismatch=True,
+    )
+    m = {name: np.concatenate([results[r][name] for r in ranges], axis=2) for name in results[ranges[0]]}
     return NoiseMoments(list(bits), timesteps, int(np.prod(shape)), shape[0], m)
-
-
-def _save_partial(path: Path, chunks, done: int, meta: dict) -> None:
-    arrays = {f"{i}.{k}": v for i, c in enumerate(chunks) for k, v in c.items()}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays, meta=np.array(json.dumps({**meta, "done": done})))
-
-
-def _load_partial(path: Path, meta: dict):
-    try:
-        z = np.load(path, allow_pickle=False)
-        saved = json.loads(str(z["meta"]))
-    except Exception:
-        return [], 0  # unreadable leftovers: start again
-    done = saved.pop("done", 0)
-    if saved != json.loads(json.dumps(meta)):
-        return [], 0  # made for other settings: start again
-    chunks: dict[int, dict[str, np.ndarray]] = {}
-    for key in z.files:
-        if key == "meta":
-            continue
-        i, name = key.split(".", 1)
-        chunks.setdefault(int(i), {})[name] = z[key]
-    return [chunks[i] for i in sorted(chunks)], int(done)
 
 
 # ----------------------------------------------------------------------------------------- files
