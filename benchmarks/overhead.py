@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -83,7 +84,11 @@ def main() -> None:
         calib_s = time.perf_counter() - t0
         calib_note = "measured here (calibration data + qdiff)"
     else:
-        run = load_run(args.run, model=fp)
+        # work on a copy: the statistics collected below must not land in the given run
+        copy = args.out / "runs" / args.run.name
+        if not copy.exists():
+            shutil.copytree(args.run, copy, ignore=shutil.ignore_patterns("noise_stats_*", "*.npz", "report"))
+        run = load_run(copy, model=fp)
         calib_s = run.summary["seconds"]["total_calibration"]
         calib_note = f"from {args.run}/summary.json (qdiff only, calibration data excluded)"
     fp = fp.to(args.device)
