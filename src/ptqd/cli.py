@@ -176,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
 
             plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
             model = plan.model
+            if getattr(run.qnet, "ptqd_backend", None):
+                plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}
             for note in plan.record.get("notes", []):
                 print(f"note: {note}")
             if "bit_schedule" in plan.record:
