@@ -129,6 +129,17 @@ def peak_memory(name: str, backend: str, ckpt: str | None, batch: int, device: s
     sampling_loop(m, batch, 1, 3.0 if m.conditional else 1.0)
     if device == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's at fork time)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -142,7 +153,7 @@ def _worker(q, *args):
 def _baseline(q, threads):
     import ptqd.runtime  # noqa: F401
 
-    q.put(("ok", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)))
+    q.put(("ok", peak_rss_mb()))
 
 
 def in_child(target, *args):
