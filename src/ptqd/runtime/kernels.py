@@ -101,7 +101,8 @@ class IntLayer(QuantLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        raise PtqdError("an integer layer has no float weight; export/load with --backend fake to get one")
+        """A meta tensor (shape and dtype only, for model code that inspects them); the integer weights are ``w8_*``."""
+        return self.fp.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
