@@ -21,7 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the bundled models")
 
     s = sub.add_parser("sample", help="generate images and save them as .npz")
-    s.add_argument("run", nargs="?", type=Path, default=None, help="quantization run directory (from `ptqd quantize`)")
+    s.add_argument(
+        "run", nargs="?", type=Path, default=None,
+        help="quantization run directory (from `ptqd quantize`) or exported checkpoint (from `ptqd export`)",
+    )
+    s.add_argument(
+        "--backend", choices=["int", "fake"], default=None,
+        help="for an exported checkpoint: int = integer kernels (default), fake = simulated quantization",
+    )
     s.add_argument("--model", default=None, help="bundled model name, diffusers pipeline directory or cached hub id (full precision)")
     s.add_argument("--prompts", type=Path, default=None, help="text-to-image models: prompts file, one per line (default for a run: its calibration prompts)")
     s.add_argument(
@@ -114,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--batch-size", type=int, default=250)
     st.add_argument("--device", default="cpu")
     st.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("export", help="write a quantization run as a packed integer checkpoint (no FP weights needed to load)")
+    x.add_argument("run", type=Path, help="quantization run directory")
+    x.add_argument("--out", type=Path, required=True, help="checkpoint directory, e.g. model.ptqd")
 
     r = sub.add_parser("report", help="plots and a markdown summary of a run's noise statistics")
     r.add_argument("run", type=Path)
@@ -215,6 +226,10 @@ def _run(args: argparse.Namespace) -> int:
         _quantize(args)
     elif args.command == "stats":
         _distributed(_stats, args)
+    elif args.command == "export":
+        from ptqd.runtime import export
+
+        export(args.run, args.out)
     elif args.command == "report":
         from ptqd.report import write_report
 
@@ -259,7 +274,14 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
     if args.run is not None:
         from ptqd.correction import plan_sampling
 
-        run = load_run(args.run)
+        from ptqd.runtime import is_checkpoint, load_checkpoint
+
+        if is_checkpoint(args.run):
+            run = load_checkpoint(args.run, backend=args.backend or "int")
+        elif args.backend is not None:
+            raise PtqdError(f"--backend needs an exported checkpoint (`ptqd export {args.run} --out DIR`), not a run directory")
+        else:
+            run = load_run(args.run)
         if args.prompts is not None:
             run.fp = run.fp.with_prompts(read_prompts(args.prompts))
         run.to(device)
@@ -271,14 +293,16 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
 
         plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
         model = plan.model
+        if getattr(run.qnet, "ptqd_backend", None):
+            plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}
         if ctx.main:
             for note in plan.record.get("notes", []):
                 print(f"note: {note}")
             if "bit_schedule" in plan.record:
                 print(f"activation bits per step: {plan.record['bit_schedule']}")
     else:
-        if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion:
-            raise PtqdError("--act-bits, --correct, --low-bit-steps and --criterion need a quantization run directory")
+        if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion or args.backend:
+            raise PtqdError("--act-bits, --correct, --low-bit-steps, --criterion and --backend need a quantization run or checkpoint")
         model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(device)
         config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
     denoise, corrector = (plan.denoise, plan.corrector) if plan else (None, None)

@@ -39,7 +39,13 @@ from ptqd.sampling import SamplerConfig, make_scheduler
 
 
 def quant_fingerprint(qnet: torch.nn.Module) -> str:
-    """Hash of every quantizer's state: statistics of one calibration are refused by another."""
+    """Hash of every quantizer's state: statistics of one calibration are refused by another.
+
+    A network loaded from an exported checkpoint carries the hash of the run it was exported from
+    (``ptqd_quant_fingerprint``): it runs the same quantization grids and rounded weights."""
+    stored = getattr(qnet, "ptqd_quant_fingerprint", None)
+    if stored:
+        return stored
     h = hashlib.sha256()
     for name, t in sorted(quant_state(qnet).items()):
         h.update(name.encode())

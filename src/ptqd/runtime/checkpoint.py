@@ -1,0 +1,422 @@
+"""Self-contained quantized checkpoints: export a quantization run, load it without the FP weights.
+
+A checkpoint directory (``model.ptqd/``) holds
+
+* ``ptqd_checkpoint.json`` — the manifest: format name and version, the model (diffusers config,
+  scheduler config, classes, fingerprint of the FP model it came from), the run's config, every
+  quantized layer (geometry, bit-widths, specs, split), the attention quantizers, the noise
+  statistics files with their default bit schedule, and a SHA-256 and byte count of every file;
+* ``weights.safetensors`` — integer weights (``q − qmin`` as uint8; 4-bit and lower packed two per
+  byte), per-output-channel scales and zero points, activation scales per bit-width and zero points,
+  and the parameters that stay in float (normalisations, embeddings, biases);
+* ``noise_stats_*.safetensors`` (+ ``.json``) — the run's PTQD statistics (fitted arrays only).
+
+The manifest is written last, so an interrupted export leaves no loadable checkpoint. Loading checks
+format, version, sizes and checksums before reading anything, and refuses damaged files clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqd import __version__
+from ptqd.errors import PtqdError
+from ptqd.io import atomic_path, write_json
+from ptqd.models.loading import DiffusionModel
+from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor, QuantLayer
+from ptqd.quant.quantizer import PASS_BITS, QuantSpec, qrange
+from ptqd.quant.wrap import QuantConfig, act_quantizers, quant_layers
+from ptqd.runtime.attention import FusedQuantAttnProcessor
+from ptqd.runtime.kernels import IntLayer, integer_weight
+from ptqd.runtime.pack import pack_nibbles, unpack_nibbles
+
+FORMAT = "ptqd-quantized-checkpoint"
+VERSION = 1
+MANIFEST = "ptqd_checkpoint.json"
+WEIGHTS = "weights.safetensors"
+BACKENDS = ("int", "fake")
+
+
+@dataclass
+class CheckpointModel(DiffusionModel):
+    """A model loaded from a checkpoint: its fingerprint is the FP model's, recorded at export."""
+
+    stored_fingerprint: str = ""
+
+    def fingerprint(self) -> str:
+        return self.stored_fingerprint
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _geometry(m: nn.Module) -> dict[str, Any]:
+    if isinstance(m, nn.Conv2d):
+        return {
+            "type": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
+            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation),
+            "groups": m.groups, "bias": m.bias is not None, "padding_mode": m.padding_mode,
+        }
+    return {"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+
+
+def _make_geometry(g: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    if g["type"] == "conv2d":
+        return nn.Conv2d(g["in"], g["out"], tuple(g["kernel"]), tuple(g["stride"]), tuple(g["padding"]),
+                         tuple(g["dilation"]), g["groups"], g["bias"], g.get("padding_mode", "zeros"), device=device)
+    return nn.Linear(g["in"], g["out"], g["bias"], device=device)
+
+
+def runs_integer(m: QuantLayer) -> bool:
+    """Whether a layer can run on integer kernels: weights ≤ 8 bit, every activation bit-width ≤ 8."""
+    fp = m.fp
+    if isinstance(fp, nn.Conv2d) and fp.padding_mode != "zeros":
+        return False
+    return all(q.bits <= 8 for q in m.weight_quantizers) and all(
+        b < PASS_BITS for q in m.act_quantizers for b in q.bit_options
+    )
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export(run, out: str | Path, progress: bool = True) -> Path:
+    """Write the checkpoint of ``run`` (a :class:`ptqd.runs.QuantizedRun` or a run directory) to ``out``."""
+    from safetensors.torch import save_file
+
+    from ptqd.correction.apply import quant_fingerprint
+    from ptqd.runs import QuantizedRun, load_run
+
+    if not isinstance(run, QuantizedRun):
+        if is_checkpoint(run):
+            raise PtqdError(f"{run} is already an exported checkpoint; export from the quantization run directory")
+        run = load_run(run)
+    if isinstance(run.fp, CheckpointModel):
+        raise PtqdError("this model was loaded from a checkpoint; export from the quantization run directory")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PtqdError(f"{out} is a file; give a directory for the checkpoint")
+    if run.path is not None and out.resolve() == Path(run.path).resolve():
+        raise PtqdError("export into a new directory, not into the run directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest is written
+    qnet = run.qnet.cpu()
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    owned: set[str] = set()  # state-dict keys written by the layer records
+    for name, m in quant_layers(qnet):
+        integer = runs_integer(m)
+        rec = {
+            "name": name, "integer": integer, "split": m.split, "geometry": _geometry(m.fp),
+            "weight_spec": asdict(m.weight_quantizers[0].spec), "act_spec": asdict(m.act_quantizers[0].spec),
+            "act_bits": m.act_quantizers[0].bit_options, "fixed_act": m.act_quantizers[0].fixed, "parts": [],
+        }
+        for i, (wq, w) in enumerate(zip(m.weight_quantizers, m.weight_parts())):
+            w = w.detach().float()
+            if integer:
+                q, scale, zp = integer_weight(wq, w)
+                shape = (-1, *[1] * (w.ndim - 1))
+                simulated = wq(w)
+                if not torch.allclose((q.float() - zp.reshape(shape)) * scale.reshape(shape), simulated, atol=1e-6, rtol=1e-5):
+                    raise PtqdError(f"layer {name}: integer weights do not reproduce the simulated weights (please report)")
+                qmin, _ = qrange(wq.bits, wq.spec.symmetric)
+                u = (q - qmin).to(torch.uint8)
+                tensors[f"int.{name}.{i}.q"] = pack_nibbles(u) if wq.bits <= 4 else u.reshape(-1).contiguous()
+                tensors[f"int.{name}.{i}.scale"] = scale.contiguous()
+                tensors[f"int.{name}.{i}.zero_point"] = zp.to(torch.int16).contiguous()
+                rec["parts"].append({"shape": list(w.shape), "bits": wq.bits, "qmin": qmin, "packed": wq.bits <= 4})
+            else:  # stays simulated: the fake-quantized float weight and its quantizer
+                tensors[f"sim.{name}.{i}.weight"] = (wq(w) if wq.enabled else w).contiguous()
+                for k, v in wq.state().items():
+                    if k != "round_up":  # the stored weight is on the grid: nearest rounding reproduces it
+                        tensors[f"sim.{name}.{i}.{k}"] = v.float().contiguous()
+                rec["parts"].append({"shape": list(w.shape), "bits": wq.bits, "simulated": True})
+        owned.add(f"{name}.fp.weight")
+        layers.append(rec)
+    for name, aq in act_quantizers(qnet):
+        if not aq.calibrated:
+            raise PtqdError(f"activation quantizer {name} is not calibrated; export a finished run")
+        for k, v in aq.state().items():
+            tensors[f"act.{name}.{k}"] = v.detach().float().reshape(-1).contiguous()
+    attention = []
+    for name, m in qnet.named_modules():
+        if isinstance(getattr(m, "ptqd_quant", None), AttentionQuantizers):
+            qz = m.ptqd_quant
+            attention.append({"name": name, "act_spec": asdict(qz.q.spec), "act_bits": qz.q.bit_options, "softmax_spec": asdict(qz.softmax.spec)})
+    quant_names = {n for n, _ in quant_layers(qnet)}
+    for key, v in qnet.state_dict().items():
+        if key in owned or any(p in key.split(".") for p in ("weight_quantizers", "act_quantizers", "ptqd_quant")):
+            continue
+        owner, _, leaf = key.rpartition(".")
+        if owner.endswith(".fp") and owner[:-3] in quant_names:
+            key = f"{owner[:-3]}.{leaf}"
+        tensors[f"float.{key}"] = v.detach().contiguous()
+
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    stats_entries = _export_stats(run, out)
+    files = {WEIGHTS: None, **{e["file"]: None for e in stats_entries}, **{e["table"]: None for e in stats_entries}}
+    fp = run.fp
+    unet_cfg = dict(getattr(fp.unet, "config", {}))
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "ptqd": __version__,
+        "model": {
+            "name": fp.name, "fingerprint": fp.fingerprint(), "class_name": type(fp.unet).__name__,
+            "num_classes": fp.num_classes, "null_class": fp.null_class, "image_size": fp.image_size,
+            "channels": fp.channels, "info": fp.info,
+        },
+        "unet_config": json.loads(json.dumps(unet_cfg, default=_jsonable)),
+        "scheduler_config": fp.scheduler_config,
+        "run": run.config,
+        "quant_fingerprint": quant_fingerprint(run.qnet),
+        "layers": layers,
+        "attention": attention,
+        "noise_stats": stats_entries,
+        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
+    }
+    fp32_bytes = 4 * sum(p.numel() for p in fp.unet.parameters() if p.is_floating_point() and p.device.type != "meta")
+    manifest["size"] = {"weights_bytes": manifest["files"][WEIGHTS]["bytes"], "fp32_param_bytes": fp32_bytes}
+    write_json(out / MANIFEST, manifest)
+    if progress:
+        total = sum(v["bytes"] for v in manifest["files"].values()) + (out / MANIFEST).stat().st_size
+        w = manifest["size"]["weights_bytes"]
+        print(
+            f"wrote {out}: weights {w / 1e6:.3f} MB ({w / fp32_bytes:.3f}× the fp32 parameters, {fp32_bytes / 1e6:.2f} MB), "
+            f"{total / 1e6:.3f} MB in all; {sum(r['integer'] for r in layers)}/{len(layers)} layers on integer kernels, "
+            f"{len(stats_entries)} noise statistics file(s)"
+        )
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, (tuple, set)):
+        return list(v)
+    return str(v)
+
+
+def _export_stats(run, out: Path) -> list[dict[str, Any]]:
+    """Copy the run's noise statistics (fitted arrays, no moments) and record their default bit schedule."""
+    from ptqd.correction.apply import schedule_for
+    from ptqd.correction.mixed import DEFAULT_CRITERION, describe_schedule
+    from ptqd.correction.stats import load_stats, save_stats
+    from ptqd.sampling import SamplerConfig
+
+    entries = []
+    if run.path is None:
+        return entries
+    for src in sorted(Path(run.path).glob("noise_stats_*.safetensors")):
+        if src.name.endswith(".partial.safetensors"):
+            continue
+        stats = load_stats(src)
+        stats.moments = None
+        save_stats(stats, out / src.name)
+        m = stats.meta
+        entry = {
+            "file": src.name, "table": src.with_suffix(".json").name, "bits": stats.bits,
+            "scheduler": m.get("scheduler"), "steps": m.get("steps"), "eta": m.get("eta"), "guidance": m.get("guidance"),
+        }
+        if len(stats.bits) > 1:
+            sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
+            schedule = schedule_for(run, stats, sampler)
+            entry["bit_schedule"] = {"criterion": DEFAULT_CRITERION, "text": describe_schedule(schedule), "bits": {str(t): b for t, b in schedule.items()}}
+        entries.append(entry)
+    return entries
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The checked manifest of checkpoint ``path`` (files' sizes and SHA-256 verified with ``verify``)."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise PtqdError(f"checkpoint {path} does not exist or is not a directory; make one with `ptqd export RUN --out {path}`")
+    if not mf.is_file():
+        raise PtqdError(f"{path} is not a ptqd checkpoint (no {MANIFEST}); export one with `ptqd export RUN --out {path}`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PtqdError(f"{mf} is damaged ({e}); export the checkpoint again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PtqdError(f"{mf} is not a ptqd checkpoint manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise PtqdError(f"{mf} has an invalid format version {version!r}; export the checkpoint again")
+    if version > VERSION:
+        raise PtqdError(f"{path} has checkpoint format version {version}, but this ptqd ({__version__}) reads up to version {VERSION}; upgrade ptqd")
+    for key in ("model", "unet_config", "scheduler_config", "run", "layers", "attention", "files", "quant_fingerprint"):
+        if key not in manifest:
+            raise PtqdError(f"{mf} lacks the field {key!r}; export the checkpoint again")
+    if WEIGHTS not in manifest["files"]:
+        raise PtqdError(f"{mf} lists no {WEIGHTS}; export the checkpoint again")
+    if verify:
+        for name, info in manifest["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise PtqdError(f"checkpoint file {f} is missing; copy the whole checkpoint directory or export it again")
+            size = f.stat().st_size
+            if size != info["bytes"]:
+                raise PtqdError(f"checkpoint file {f} is truncated or altered: {size} bytes, the manifest says {info['bytes']}; export it again")
+            if _sha256(f) != info["sha256"]:
+                raise PtqdError(f"checkpoint file {f} is corrupt: SHA-256 checksum mismatch with the manifest; export it again")
+    return manifest
+
+
+def _tensor(tensors: dict, key: str, path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise PtqdError(f"{path / WEIGHTS} lacks tensor {key!r}; the checkpoint is incomplete, export it again")
+    return tensors[key]
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _spec(d: dict) -> QuantSpec:
+    return QuantSpec(**d)
+
+
+def load_checkpoint(path: str | Path, backend: str = "int"):
+    """A :class:`ptqd.runs.QuantizedRun` rebuilt from checkpoint ``path`` without the FP weights.
+
+    ``backend="int"``: quantized layers run integer kernels (attention products: fused fake
+    quantization, see :mod:`ptqd.runtime.attention`); ``"fake"``: the simulated model (fake
+    quantization in float), numerically the run's quantized model.
+    """
+    from safetensors.torch import load_file
+
+    from ptqd.runs import QuantizedRun
+
+    if backend not in BACKENDS:
+        raise PtqdError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise PtqdError(f"{path / WEIGHTS} is unreadable ({e}); export the checkpoint again") from e
+    net = _build_net(manifest)
+    float_state = {k[len("float."):]: v for k, v in tensors.items() if k.startswith("float.")}
+    expected = set(net.state_dict())
+    layer_weights = {f"{r['name']}.weight" for r in manifest["layers"]}
+    missing = sorted(expected - set(float_state) - layer_weights)
+    unexpected = sorted(set(float_state) - expected)
+    if missing or unexpected:
+        raise PtqdError(
+            f"{path / WEIGHTS} does not fit a {manifest['model']['class_name']} with this config: "
+            f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    net.load_state_dict(float_state, strict=False)
+    for rec in manifest["layers"]:
+        _install_layer(net, rec, tensors, backend, path)
+    for rec in manifest["attention"]:
+        attn = net.get_submodule(rec["name"])
+        attn.ptqd_quant = AttentionQuantizers(_spec(rec["act_spec"]), rec["act_bits"], _spec(rec["softmax_spec"]))
+        attn.set_processor(FusedQuantAttnProcessor() if backend == "int" else QuantAttnProcessor())
+    for name, aq in act_quantizers(net):
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"act.{name}.") and "." not in k[len(f"act.{name}.") :]}
+        if "zero_point" not in state:
+            raise PtqdError(f"{path / WEIGHTS} lacks the activation quantizer {name}; export the checkpoint again")
+        aq.load_state(state)
+    run_config = manifest["run"]
+    net.ptqd_config = QuantConfig.from_dict(run_config["quant"])
+    net.ptqd_quant_fingerprint = manifest["quant_fingerprint"]
+    net.ptqd_backend = backend
+    net.eval().requires_grad_(False)
+    m = manifest["model"]
+    model = CheckpointModel(
+        name=m["name"], unet=net, scheduler_config=manifest["scheduler_config"], num_classes=m["num_classes"],
+        null_class=m["null_class"], image_size=m["image_size"], channels=m["channels"], path=path,
+        info={**m.get("info", {}), "checkpoint": str(path), "backend": backend}, stored_fingerprint=m["fingerprint"],
+    )
+    run = QuantizedRun(model, net, run_config, path, {"size": manifest.get("size", {})})
+    run.manifest = manifest
+    return run
+
+
+def _build_net(manifest: dict) -> nn.Module:
+    import diffusers
+
+    cls_name = manifest["model"]["class_name"]
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise PtqdError(f"checkpoint model class {cls_name!r} is not in this diffusers version")
+    cfg = {k: v for k, v in manifest["unet_config"].items() if not k.startswith("_")}
+    try:
+        return cls.from_config(cfg)
+    except Exception as e:
+        raise PtqdError(f"cannot build {cls_name} from the checkpoint's config: {e}") from e
+
+
+def _install_layer(net: nn.Module, rec: dict, tensors: dict, backend: str, path: Path) -> None:
+    name = rec["name"]
+    g = rec["geometry"]
+    w_spec, a_spec = _spec(rec["weight_spec"]), _spec(rec["act_spec"])
+    bias = tensors.get(f"float.{name}.bias") if g["bias"] else None
+    if g["bias"] and bias is None:
+        raise PtqdError(f"{path / WEIGHTS} lacks the bias of {name}; export the checkpoint again")
+    weights, qparams = [], []
+    for i, part in enumerate(rec["parts"]):
+        shape = tuple(part["shape"])
+        numel = int(torch.Size(shape).numel())
+        if part.get("simulated"):
+            weights.append(_tensor(tensors, f"sim.{name}.{i}.weight", path).reshape(shape))
+            qparams.append({"scale": _tensor(tensors, f"sim.{name}.{i}.scale", path), "zero_point": _tensor(tensors, f"sim.{name}.{i}.zero_point", path)})
+            continue
+        raw = _tensor(tensors, f"int.{name}.{i}.q", path)
+        u = unpack_nibbles(raw, numel) if part["packed"] else raw
+        if u.numel() != numel:
+            raise PtqdError(f"{path / WEIGHTS}: weights of {name} have {u.numel()} values, expected {numel}")
+        q = u.to(torch.int16).reshape(shape) + part["qmin"]
+        scale = _tensor(tensors, f"int.{name}.{i}.scale", path).float()
+        zp = _tensor(tensors, f"int.{name}.{i}.zero_point", path).float()
+        weights.append((q, scale, zp))
+    if rec["integer"] and backend == "int":
+        layer = IntLayer(_make_geometry(g), w_spec, a_spec, rec["act_bits"], rec["fixed_act"], rec["split"])
+        layer.set_integer_weights(weights, bias)
+    else:
+        fp = _make_geometry(g, device="cpu")
+        parts = []
+        for w in weights:
+            if isinstance(w, tuple):
+                q, scale, zp = w
+                sh = (-1, *[1] * (q.ndim - 1))
+                parts.append((q.float() - zp.reshape(sh)) * scale.reshape(sh))
+            else:
+                parts.append(w.float())
+        with torch.no_grad():
+            fp.weight.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            if bias is not None:
+                fp.bias.copy_(bias)
+        fp.requires_grad_(False)
+        layer = QuantLayer(fp, w_spec, a_spec, rec["act_bits"], rec["fixed_act"], rec["split"])
+        for i, (wq, w) in enumerate(zip(layer.weight_quantizers, weights)):
+            if isinstance(w, tuple):
+                _, scale, zp = w
+                sh = (-1, *[1] * (len(rec["parts"][i]["shape"]) - 1))
+                wq.load_state({"scale": scale.reshape(sh), "zero_point": zp.reshape(sh)})
+            else:
+                wq.load_state(qparams[i])
+    layer.ptqd_name = name
+    _set_module(net, name, layer)

@@ -1,0 +1,309 @@
+"""Real low-bit execution: integer kernels against the simulated layers, packed checkpoints, damaged files, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ptqd.cli import main
+from ptqd.correction import StatsRequest, collect_stats
+from ptqd.errors import PtqdError
+from ptqd.models import load
+from ptqd.models.zoo import zoo_path
+from ptqd.quant import QuantConfig, QuantSpec
+from ptqd.quant.layers import QuantLayer
+from ptqd.quant.wrap import quant_layers
+from ptqd.runs import quantize, save_run
+from ptqd.runtime import IntLayer, export, integer_weight, load_checkpoint, measure_speed, read_manifest, set_kernel
+from ptqd.runtime.checkpoint import MANIFEST, WEIGHTS
+from ptqd.runtime.pack import pack_nibbles, unpack_nibbles
+from ptqd.sampling import SamplerConfig
+
+SAMPLER = SamplerConfig(steps=4, eta=1.0, guidance=3.0, batch_size=4)
+
+
+def test_pack_nibbles_roundtrip_and_limits():
+    u = torch.tensor([0, 15, 7, 8, 1], dtype=torch.uint8)
+    packed = pack_nibbles(u)
+    assert packed.tolist() == [0 | 15 << 4, 7 | 8 << 4, 1]
+    assert unpack_nibbles(packed, 5).tolist() == u.tolist()
+    with pytest.raises(PtqdError, match="4 bits"):
+        pack_nibbles(torch.tensor([16]))
+    with pytest.raises(PtqdError, match="expected 3"):
+        unpack_nibbles(packed[:2], 5)
+
+
+# ------------------------------------------------------------------------------------------
+# integer layers against the simulated QuantLayer
+
+
+def _calibrated(fp, wbits, sym_w, split, adaround, act_sym=False, gen=None):
+    layer = QuantLayer(fp, QuantSpec(wbits, sym_w, True, "minmax"), QuantSpec(8, act_sym), [4, 8], split=split)
+    for wq, w in zip(layer.weight_quantizers, layer.weight_parts()):
+        wq.calibrate(w)
+        if adaround:  # AdaRound's decisions differ from nearest rounding: the integers must follow them
+            wq.round_up = torch.rand(w.shape, generator=gen) > 0.5
+    return layer
+
+
+def _int_twin(layer, fp_meta):
+    il = IntLayer(fp_meta, layer.weight_quantizers[0].spec, layer.act_quantizers[0].spec, [4, 8], split=layer.split)
+    il.set_integer_weights([integer_weight(wq, w) for wq, w in zip(layer.weight_quantizers, layer.weight_parts())], layer.fp.bias)
+    for a, b in zip(layer.act_quantizers, il.act_quantizers):
+        b.load_state(a.state())
+    return il
+
+
+CASES = [  # kind, weight bits, symmetric weights, split, adaround, symmetric activations
+    ("conv", 8, False, 0, False, False),
+    ("conv", 4, False, 0, True, False),
+    ("conv", 8, True, 24, True, True),
+    ("conv", 4, True, 24, False, False),
+    ("linear", 8, False, 0, True, False),
+    ("linear", 4, False, 0, False, True),
+]
+
+
+@pytest.mark.parametrize("kind,wbits,sym_w,split,ada,sym_a", CASES)
+@pytest.mark.parametrize("kernel", ["onednn", "intmm"])
+def test_integer_layer_matches_simulated(kind, wbits, sym_w, split, ada, sym_a, kernel):
+    g = torch.Generator().manual_seed(0)
+    if kind == "conv":
+        fp, meta = nn.Conv2d(48, 40, 3, padding=1), nn.Conv2d(48, 40, 3, padding=1, device="meta")
+        x = torch.randn(3, 48, 9, 9, generator=g)
+    else:
+        fp, meta = nn.Linear(48, 40), nn.Linear(48, 40, device="meta")
+        x = torch.randn(3, 7, 48, generator=g)
+    with torch.no_grad():
+        fp.weight[:, ::3] += 0.3  # skewed ranges: asymmetric 8-bit weights then need the offset term
+    fp.requires_grad_(False)
+    layer = _calibrated(fp, wbits, sym_w, split, ada, sym_a, g)
+    for aq in layer.act_quantizers:
+        aq.observing = True
+    layer(x * 1.3)
+    for aq in layer.act_quantizers:
+        aq.observing = False
+        aq.calibrate_from_observed("minmax")
+    il = _int_twin(layer, meta)
+    if wbits == 8 and not sym_w:
+        assert (il.wd_0 != 0).any()
+    set_kernel(kernel)
+    try:
+        for bits in (8, 4):
+            for q in [*layer.act_quantizers, *il.act_quantizers]:
+                q.set_bits(bits)
+            ref, out = layer(x), il(x)
+            # the integer sums are exact: only float summation order separates the two, and on the CPU
+            # the fused input quantizer (x·(1/s) + z rounded) can put an activation within float rounding
+            # of a .5 tie one step away: at most a few outputs move, by one input step
+            off = (out - ref).abs() > 1e-5 * ref.abs().max()
+            if kernel == "intmm":
+                assert not off.any()
+            else:
+                assert off.float().mean() < 0.1  # a flipped input moves every output that reads it
+                step = max(float(q.current_scale()) for q in layer.act_quantizers)
+                assert (out - ref).abs().max() <= 2 * step * layer.quantized_weight().abs().max()
+    finally:
+        set_kernel("auto")
+    assert torch.allclose(il.dequantized_weight(), layer.quantized_weight(), atol=1e-7)
+
+
+def test_grouped_conv_with_offsets():
+    g = torch.Generator().manual_seed(1)
+    fp = nn.Conv2d(16, 8, 3, padding=1, groups=2).requires_grad_(False)
+    with torch.no_grad():
+        fp.weight[:, :, 0] += 0.4
+    layer = _calibrated(fp, 8, False, 0, False)
+    x = torch.randn(2, 16, 6, 6, generator=g)
+    for aq in layer.act_quantizers:
+        aq.observing = True
+    layer(x)
+    for aq in layer.act_quantizers:
+        aq.observing = False
+        aq.calibrate_from_observed("minmax")
+    il = _int_twin(layer, nn.Conv2d(16, 8, 3, padding=1, groups=2, device="meta"))
+    assert (il.wd_0 != 0).any()
+    ref = layer(x)
+    assert (il(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_integer_layer_on_cuda_uses_int_mm():
+    from ptqd.runtime import kernel_for
+
+    assert kernel_for(torch.device("cuda")) == "intmm"
+    g = torch.Generator().manual_seed(0)
+    fp = nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)
+    layer = _calibrated(fp, 8, False, 0, True, gen=g)
+    x = torch.randn(4, 64, 16, 16, generator=g)
+    for aq in layer.act_quantizers:
+        aq.observing = True
+    layer(x)
+    for aq in layer.act_quantizers:
+        aq.observing = False
+        aq.calibrate_from_observed("minmax")
+    il = _int_twin(layer, nn.Conv2d(64, 64, 3, padding=1, device="meta"))
+    layer.cuda()
+    il.cuda()
+    for aq in layer.weight_quantizers:
+        aq.scale, aq.zero_point = aq.scale.cuda(), aq.zero_point.cuda()
+    ref, out = layer(x.cuda()), il(x.cuda())
+    assert out.is_cuda and (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints of a run of the bundled model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A W4A8 run of digits16-cond (naive calibration, activations at 4 and 8 bits, AdaRound-style
+    rounding decisions on one layer) with PTQD statistics for SAMPLER."""
+    out = tmp_path_factory.mktemp("run")
+    config = QuantConfig(weight_bits=4, act_bits=8, extra_act_bits=[4])
+    run = quantize(load("digits16-cond"), config, "naive", calib_samples=2, calib_steps=2, sampler=SAMPLER, out=out, progress=False)
+    name, layer = next((n, m) for n, m in quant_layers(run.qnet) if m.weight_bits == 4)
+    wq = layer.weight_quantizers[0]
+    wq.round_up = torch.rand(layer.fp.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    run.config["correction"] = {"noise_samples": 2, "noise_seed": 2000, "mixed_precision": [4, 8]}
+    save_run(run, out)
+    collect_stats(run, StatsRequest(sampler=SAMPLER, num_samples=2, bits=[4, 8]), out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(run_dir, tmp_path_factory):
+    return export(run_dir, tmp_path_factory.mktemp("ck") / "model.ptqd", progress=False)
+
+
+def test_w4_checkpoint_is_small_and_self_describing(checkpoint):
+    manifest = read_manifest(checkpoint)
+    fp32 = (zoo_path("digits16-cond") / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    weights = manifest["files"][WEIGHTS]["bytes"]
+    assert weights <= 0.16 * fp32
+    total = sum(f.stat().st_size for f in checkpoint.iterdir())
+    assert total <= 0.2 * fp32
+    assert all(r["integer"] for r in manifest["layers"]) and any(p["packed"] for r in manifest["layers"] for p in r["parts"])
+    stats = manifest["noise_stats"]
+    assert stats and stats[0]["bits"] == [4, 8] and "A" in stats[0]["bit_schedule"]["text"]
+    assert manifest["version"] == 1 and manifest["model"]["name"] == "digits16-cond"
+
+
+def test_loaded_checkpoint_reproduces_the_run(run_dir, checkpoint):
+    from ptqd.runs import load_run
+
+    run = load_run(run_dir)
+    fake, integer = load_checkpoint(checkpoint, "fake"), load_checkpoint(checkpoint, "int")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 1, 16, 16, generator=g), torch.arange(4)
+    for bits in (8, 4):
+        for r in (run, fake, integer):
+            r.set_act_bits(bits)
+        fp = run.fp.denoise(x, torch.tensor(500), y, 3.0)
+        sim = fake.model.denoise(x, torch.tensor(500), y, 3.0)
+        out = integer.model.denoise(x, torch.tensor(500), y, 3.0)
+        rel = lambda a, b: float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())  # noqa: E731
+        # integer vs simulated: float summation order can flip an activation by one step at a rounding
+        # boundary; that stays far below the quantization error itself
+        assert rel(out, sim) < rel(sim, fp)
+    # layer by layer (same inputs) the integer kernels agree with the simulated layers to float precision
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, (a[0], o))) for n, m in quant_layers(fake.qnet)]
+    fake.model.denoise(x, torch.tensor(500), y, 3.0)
+    for h in hooks:
+        h.remove()
+    int_layers = dict(quant_layers(integer.qnet))
+    assert set(seen) == set(int_layers) and all(isinstance(m, IntLayer) for m in int_layers.values())
+    worst = max(float((int_layers[n](a) - o).abs().max() / o.abs().max().clamp(min=1e-6)) for n, (a, o) in seen.items())
+    assert worst < 1e-2  # 1e-5 except where one activation sits on a rounding tie
+
+
+def test_fake_backend_equals_the_simulated_network(checkpoint, run_dir):
+    from ptqd.runs import load_run
+
+    run, fake = load_run(run_dir), load_checkpoint(checkpoint, "fake")
+    assert fake.model.fingerprint() == run.fp.fingerprint() == read_manifest(checkpoint)["model"]["fingerprint"]
+    for m in dict(quant_layers(fake.qnet)).values():
+        assert torch.equal(m.quantized_weight(), m.fp.weight)  # stored on the grid: quantizing again changes nothing
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    for bits in (8, 4):
+        run.set_act_bits(bits)
+        fake.set_act_bits(bits)
+        a = run.model.denoise(x, torch.tensor(300), torch.tensor([1, 2]), 3.0)
+        b = fake.model.denoise(x, torch.tensor(300), torch.tensor([1, 2]), 3.0)
+        assert torch.equal(a, b)
+
+
+def _damaged(checkpoint, tmp_path, name):
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(checkpoint, dst)
+    return dst
+
+
+def test_damaged_checkpoints_are_refused(checkpoint, tmp_path):
+    ck = _damaged(checkpoint, tmp_path, "truncated")
+    data = (ck / WEIGHTS).read_bytes()
+    (ck / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(PtqdError, match="truncated"):
+        load_checkpoint(ck)
+
+    ck = _damaged(checkpoint, tmp_path, "flipped")
+    raw = bytearray((ck / WEIGHTS).read_bytes())
+    raw[-10] ^= 0xFF
+    (ck / WEIGHTS).write_bytes(bytes(raw))
+    with pytest.raises(PtqdError, match="checksum"):
+        load_checkpoint(ck)
+
+    ck = _damaged(checkpoint, tmp_path, "newer")
+    m = json.loads((ck / MANIFEST).read_text())
+    m["version"] = 99
+    (ck / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(PtqdError, match="version 99.*upgrade"):
+        load_checkpoint(ck)
+
+    ck = _damaged(checkpoint, tmp_path, "garbled")
+    (ck / MANIFEST).write_text((ck / MANIFEST).read_text()[:100])
+    with pytest.raises(PtqdError, match="damaged"):
+        load_checkpoint(ck)
+
+    ck = _damaged(checkpoint, tmp_path, "stats_missing")
+    next(ck.glob("noise_stats_*.safetensors")).unlink()
+    with pytest.raises(PtqdError, match="missing"):
+        load_checkpoint(ck)
+
+    with pytest.raises(PtqdError, match="not a ptqd checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(PtqdError, match="backend"):
+        load_checkpoint(checkpoint, backend="gpu")
+
+
+def test_cli_export_and_sample(run_dir, checkpoint, tmp_path, capsys):
+    ck = tmp_path / "cli.ptqd"
+    assert main(["export", str(run_dir), "--out", str(ck)]) == 0
+    assert "integer kernels" in capsys.readouterr().out
+    args = ["--num", "3", "--steps", "4", "--no-progress"]
+    # from the checkpoint alone: PTQD correction and the mixed bit schedule travel with it
+    assert main(["sample", str(ck), "--correct", "all", "--act-bits", "mixed", *args, "--out", str(tmp_path / "int.npz")]) == 0
+    rec = json.loads((tmp_path / "int.json").read_text())
+    assert rec["checkpoint"]["backend"] == "int" and "bit_schedule" in rec and rec["correction"] == ["cnc", "bc", "vsc"]
+    # the fake backend samples exactly what the run directory samples (same seeds)
+    assert main(["sample", str(ck), "--backend", "fake", *args, "--out", str(tmp_path / "fake.npz")]) == 0
+    assert main(["sample", str(run_dir), *args, "--out", str(tmp_path / "run.npz")]) == 0
+    fake, run = np.load(tmp_path / "fake.npz")["images"], np.load(tmp_path / "run.npz")["images"]
+    integer = np.load(tmp_path / "int.npz")["images"]
+    assert fake.shape == run.shape == integer.shape and (fake == run).all()
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--backend", "int", *args, "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--backend needs an exported checkpoint" in capsys.readouterr().err
+    assert main(["export", str(ck), "--out", str(tmp_path / "again")]) == 2
+    assert "already an exported checkpoint" in capsys.readouterr().err
+
+
+def test_measure_speed(checkpoint):
+    res = measure_speed("digits16-cond", checkpoint, batch=2, steps=1, repeats=1, backends=("fp32", "int"))
+    assert set(res["rows"]) == {"fp32", "int"} and res["rows"]["int"]["images_per_second"] > 0
+    assert res["speedup"]["fp32"] == 1.0 and res["speedup"]["int"] > 0
