@@ -210,7 +210,13 @@ def test_loaded_checkpoint_reproduces_the_run(run_dir, checkpoint):
         assert rel(out, sim) < rel(sim, fp)
     # layer by layer (same inputs) the integer kernels agree with the simulated layers to float precision
     seen = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, (a[0], o)) and None) for n, m in quant_layers(fake.qnet)]
+    def keep(name):
+        def hook(module, args, out):
+            seen.setdefault(name, (args[0], out))  # returns None: the output is not replaced
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in quant_layers(fake.qnet)]
     fake.model.denoise(x, torch.tensor(500), y, 3.0)
     for h in hooks:
         h.remove()
