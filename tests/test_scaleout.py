@@ -19,6 +19,11 @@ from ptqd.sampling import SamplerConfig, load_samples, sample
 from ptqd.shards import sample_to_file, shard_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _pythonpath() -> str:
+    """This checkout's src first, keeping any PYTHONPATH the environment needs (e.g. packages installed aside)."""
+    return os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
 CONFIG = SamplerConfig("ddim", 3, 1.0, 1.0, 0, 4)  # what `ptqd sample --model ... --steps 3 --batch-size 4` uses
 NUM, CHUNK = 32, 8
 
@@ -50,7 +55,7 @@ def _interrupted_run(model, out, chunks_done=2):
 
 
 def _torchrun(args, cwd, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -189,7 +194,7 @@ def test_noise_statistics_split_over_two_gloo_processes(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
 def test_torchrun_nccl_one_gpu(tmp_path):
     out = tmp_path / "gpu.npz"
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "ptqd", "sample",
            "--model", "digits16-cond", "--num-samples", "16", "--steps", "3", "--chunk-size", "8", "--device", "cuda",
            "--out", str(out), "--no-progress"]
