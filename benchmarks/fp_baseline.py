@@ -51,7 +51,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         m = evaluate(s.images, s.labels)
         rows.append({"model": name, "guidance": guidance, "eta": eta, "seed": args.seed, "num": args.num,
-                     "sample_seconds": round(seconds, 1), **m})
+                     "sample_seconds": round(seconds, 1), "device": _device(args), **m})
         _write(args, command, rows)
     if not any(r["model"] == "real held-out" for r in rows):
         held = load_digits("test")
@@ -61,9 +61,16 @@ def main() -> None:
     _write(args, command, rows)
 
 
+def _device(args) -> str:
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (platform.processor() or "cpu")
+    return f"{name}, torch {torch.__version__}"
+
+
 def _write(args, command, rows) -> None:
+    old = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
+    commands = [c for c in old.get("commands", [old["command"]] if "command" in old else []) if c != command] + [command]
     meta = {
-        "command": command, "ptqd": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "command": command, "commands": commands, "ptqd": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (platform.processor() or "cpu"),
         "machine": platform.platform(), "sampler": "DDIM 50 steps", "reference": "digits16 (bundled)",
     }
@@ -71,17 +78,17 @@ def _write(args, command, rows) -> None:
     lines = [
         "# FP32 baseline of the bundled models",
         "",
-        f"Command: `{command}`; ptqd {__version__}, torch {torch.__version__}, {meta['device']}.",
+        "Commands: " + "; ".join(f"`{c}`" for c in commands) + f" (rows resume; ptqd {__version__}).",
         f"{args.num} samples per row, DDIM 50 steps, seed {args.seed}; metrics on the bundled digit classifier.",
         "",
-        "| model | guidance | eta | " + " | ".join(COLUMNS) + " | N |",
-        "|---|---|---|" + "---|" * (len(COLUMNS) + 1),
+        "| model | guidance | eta | " + " | ".join(COLUMNS) + " | N | sampled on |",
+        "|---|---|---|" + "---|" * (len(COLUMNS) + 2),
     ]
     for r in rows:
         cells = ["–" if r.get(c) is None else (f"{r[c]:.2f}" if c in ("fd", "sfd", "is") else f"{r[c]:.3f}") for c in COLUMNS]
         g = "–" if r["guidance"] is None else f"{r['guidance']:g}"
         e = "–" if r["eta"] is None else f"{r['eta']:g}"
-        lines.append(f"| {r['model']} | {g} | {e} | " + " | ".join(cells) + f" | {r['num']} |")
+        lines.append(f"| {r['model']} | {g} | {e} | " + " | ".join(cells) + f" | {r['num']} | {r.get('device') or '–'} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

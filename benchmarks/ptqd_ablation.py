@@ -188,6 +188,9 @@ def write_table(args, rows, commands) -> None:
             else:
                 cells.append(f"{v.mean():.3f} ± {sd:.3f}")
         bits = rs[0].get("bit_schedule") or ""
+        if len(rs) == 1:  # no spread to show
+            cells = [c.split(" ± ")[0] for c in cells]
+            name = f"{name} (seed {rs[0]['seed']} only)"
         lines.append(f"| {sampler} | {setting} | {name} | " + " | ".join(cells) + f" | {rs[0]['gbops_sampling']:.1f} | {bits} |")
     seeds = sorted({r["seed"] for r in rows})
     text = "\n".join([

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--quick", action="store_true", help="a one-minute version (few images, few steps, short calibration)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--num", type=int, default=None, help="images per method (default 300; --quick 40)")
+    d.add_argument("--num", type=int, default=None, help="images per method (default 250; --quick 40)")
     d.add_argument("--no-progress", action="store_true")
     return p
 

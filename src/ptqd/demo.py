@@ -34,14 +34,14 @@ WEIGHT_BITS, ACT_BITS, LOW_ACT_BITS = 4, 8, 4
 class DemoSettings:
     """Sizes of the demo. ``full`` takes a few minutes on 2 CPU cores, ``quick`` well under one."""
 
-    num: int = 300  # images per method
+    num: int = 250  # images per method
     steps: int = 50
     eta: float = 1.0
     guidance: float = 3.0
     calib_samples: int = 256
     calib_steps: int = 10
-    noise_samples: int = 256
-    batch_size: int = 300
+    noise_samples: int = 128
+    batch_size: int = 250
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     @classmethod
@@ -142,6 +142,7 @@ def run_demo(
     # Q-Diffusion calibration + PTQD statistics at A4 and A8 (one run serves the last three rows)
     say("[demo] quantizing W4A8 with Q-Diffusion calibration and PTQD noise statistics (A4 and A8)")
     t0 = time.perf_counter()
+    _share_calibration_data(out / "runs" / "naive_w4a8", out / "runs" / "ptqd_w4a8")
     run = quantize(
         model, qc, "ptqd", settings.options, out=out / "runs" / "ptqd_w4a8",
         noise_samples=settings.noise_samples, mixed_precision=[LOW_ACT_BITS, ACT_BITS], **common,
@@ -181,6 +182,18 @@ def run_demo(
     return result
 
 
+def _share_calibration_data(src: Path, dst: Path) -> None:
+    """Both runs calibrate on the same FP trajectories: copy them instead of sampling them twice
+    (``quantize`` checks that the copied data was made with the same sampler, seed and size)."""
+    import shutil
+
+    f = src / "calibration.safetensors"
+    if f.is_file() and not (dst / f.name).exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst / f.name) as tmp:
+            shutil.copyfile(f, tmp)
+
+
 def _real_speed(run, model, out: Path, settings: DemoSettings) -> dict[str, Any]:
     """Export the run (packed integer checkpoint) and time fp32 vs integer-kernel sampling, same batch and steps."""
     from ptqd.runtime import export
@@ -192,7 +205,7 @@ def _real_speed(run, model, out: Path, settings: DemoSettings) -> dict[str, Any]
         export(run, ckpt, progress=False)
     run.qnet.to("cpu")
     quick = settings.num < 100
-    m = measure_speed(model, ckpt, batch=8 if quick else 16, steps=2 if quick else 10, repeats=1 if quick else 3)
+    m = measure_speed(model, ckpt, batch=8 if quick else 16, steps=2 if quick else 10, repeats=1 if quick else 2)
     fp_ips = m["rows"]["fp32"]["images_per_second"]
     int_ips = m["rows"]["int"]["images_per_second"]
     size = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) / 1e6
