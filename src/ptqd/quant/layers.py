@@ -146,14 +146,7 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        scores = quant.q(query) @ quant.k(key).transpose(-1, -2) * attn.scale
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, float("-inf"))
-            else:
-                scores = scores + attention_mask
-        probs = quant.softmax(scores.softmax(dim=-1))
-        hidden_states = probs @ quant.v(value)
+        hidden_states = self.attend(attn, quant, query, key, value, attention_mask)
         if QuantAttnProcessor.on_matmul is not None:
             QuantAttnProcessor.on_matmul(attn, query.shape, key.shape)
 
@@ -166,3 +159,14 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def attend(self, attn, quant, query, key, value, attention_mask):
+        """softmax(Q·Kᵀ·scale + mask)·V with quantized Q, K, V and softmax output (per head)."""
+        scores = quant.q(query) @ quant.k(key).transpose(-1, -2) * attn.scale
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            else:
+                scores = scores + attention_mask
+        probs = quant.softmax(scores.softmax(dim=-1))
+        return probs @ quant.v(value)
