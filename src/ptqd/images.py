@@ -49,11 +49,7 @@ def save_grid(
         ax.axis("off")
         if i >= n:
             continue
-        img = images[i]
-        if img.shape[-1] == 1:
-            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        else:
-            ax.imshow(img, interpolation="nearest")
+        _show(ax, images[i])
         if labels is not None:
             ax.set_title(str(int(labels[i])), fontsize=8, pad=2)
     if title:
@@ -64,6 +60,14 @@ def save_grid(
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def _show(ax, img: np.ndarray) -> None:
+    """One uint8 image (H, W, C) on a matplotlib axis, grayscale when it has one channel."""
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(img, interpolation="nearest")
 
 
 def save_comparison(
@@ -110,11 +114,7 @@ def save_comparison(
                     s.set_visible(False)
                 if i is None or i >= len(images):
                     continue
-                img = images[i]
-                if img.shape[-1] == 1:
-                    ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-                else:
-                    ax.imshow(img, interpolation="nearest")
+                _show(ax, images[i])
                 if r == 0 and c == 0:
                     ax.set_title(name, fontsize=8, loc="left", pad=3)
     if title:
