@@ -48,6 +48,16 @@ def _calibrated(fp, wbits, sym_w, split, adaround, act_sym=False, gen=None):
     return layer
 
 
+
+def _calibrate_acts(layer, x):
+    """Min-max activation ranges of ``layer`` observed on ``x``."""
+    for aq in layer.act_quantizers:
+        aq.observing = True
+    layer(x)
+    for aq in layer.act_quantizers:
+        aq.observing = False
+        aq.calibrate_from_observed("minmax")
+
 def _int_twin(layer, fp_meta):
     il = IntLayer(fp_meta, layer.weight_quantizers[0].spec, layer.act_quantizers[0].spec, [4, 8], split=layer.split)
     il.set_integer_weights([integer_weight(wq, w) for wq, w in zip(layer.weight_quantizers, layer.weight_parts())], layer.fp.bias)
@@ -80,12 +90,7 @@ def test_integer_layer_matches_simulated(kind, wbits, sym_w, split, ada, sym_a, 
         fp.weight[:, ::3] += 0.3  # skewed ranges: asymmetric 8-bit weights then need the offset term
     fp.requires_grad_(False)
     layer = _calibrated(fp, wbits, sym_w, split, ada, sym_a, g)
-    for aq in layer.act_quantizers:
-        aq.observing = True
-    layer(x * 1.3)
-    for aq in layer.act_quantizers:
-        aq.observing = False
-        aq.calibrate_from_observed("minmax")
+    _calibrate_acts(layer, x * 1.3)
     il = _int_twin(layer, meta)
     if wbits == 8 and not sym_w:
         assert (il.wd_0 != 0).any()
@@ -117,12 +122,7 @@ def test_grouped_conv_with_offsets():
         fp.weight[:, :, 0] += 0.4
     layer = _calibrated(fp, 8, False, 0, False)
     x = torch.randn(2, 16, 6, 6, generator=g)
-    for aq in layer.act_quantizers:
-        aq.observing = True
-    layer(x)
-    for aq in layer.act_quantizers:
-        aq.observing = False
-        aq.calibrate_from_observed("minmax")
+    _calibrate_acts(layer, x)
     il = _int_twin(layer, nn.Conv2d(16, 8, 3, padding=1, groups=2, device="meta"))
     assert (il.wd_0 != 0).any()
     ref = layer(x)
@@ -143,12 +143,7 @@ def test_integer_layer_on_cuda_uses_int_mm(monkeypatch):
     fp = nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)
     layer = _calibrated(fp, 8, False, 0, True, gen=g)
     x = torch.randn(4, 64, 16, 16, generator=g)
-    for aq in layer.act_quantizers:
-        aq.observing = True
-    layer(x)
-    for aq in layer.act_quantizers:
-        aq.observing = False
-        aq.calibrate_from_observed("minmax")
+    _calibrate_acts(layer, x)
     il = _int_twin(layer, nn.Conv2d(64, 64, 3, padding=1, device="meta"))
     layer.cuda()
     il.cuda()
