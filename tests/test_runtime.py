@@ -129,6 +129,62 @@ def test_grouped_conv_with_offsets():
     assert (il(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("bits,sym", [(8, False), (4, False), (8, True), (4, True)])
+def test_fast_fake_quant_matches_the_act_quantizer(bits, sym):
+    from ptqd.quant.quantizer import ActQuantizer
+    from ptqd.runtime.attention import fused_fake_quant
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 64, 33, generator=g) * 3 + 0.5
+    aq = ActQuantizer([4, 8], QuantSpec(bits, sym))
+    aq.observing = True
+    aq(x[:, :32])  # a narrower range than x: the clamp at both ends matters
+    aq.observing = False
+    aq.calibrate_from_observed("minmax")
+    aq.set_bits(bits)
+    ref, out = aq(x), fused_fake_quant(aq, x.transpose(1, 2)).transpose(1, 2)
+    step = float(aq.current_scale())
+    # rounding x·(1/s) instead of x/s: a value within float rounding of a .5 tie may land one step away
+    assert (out - ref).abs().max() <= step * 1.001
+    assert (out != ref).float().mean() < 1e-3
+    assert out.min() >= ref.min() and out.max() <= ref.max()
+
+
+class _Attn:
+    scale = 8 ** -0.5
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("tile_bytes", [1 << 20, 2 * 40 * 24 * 4, 7 * 24 * 4])  # one tile, two heads, seven rows
+def test_tiled_attention_matches_the_simulated_attention(mask, tile_bytes, monkeypatch):
+    from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor
+    from ptqd.runtime import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 24, 8, generator=g), torch.randn(2, 3, 24, 8, generator=g)
+    quant = AttentionQuantizers(QuantSpec(8, False), [4, 8], QuantSpec(8, False))
+    for aq in quant.children():
+        aq.observing = True
+    QuantAttnProcessor().attend(_Attn, quant, q, k, v, None)
+    for aq in quant.children():
+        aq.observing = False
+        aq.calibrate_from_observed("minmax")
+    quant.softmax.zero_point[0] = 3  # a grid that does not start at 0 exercises the shift
+    m = None
+    if mask == "bool":
+        m = torch.rand(2, 1, 1, 24, generator=g) > 0.3
+    elif mask == "float":
+        m = torch.randn(2, 3, 40, 24, generator=g)
+    monkeypatch.setattr(attention, "TILE_BYTES", tile_bytes)
+    for bits in (8, 4):
+        for aq in (quant.q, quant.k, quant.v):
+            aq.set_bits(bits)
+        ref = QuantAttnProcessor().attend(_Attn, quant, q, k, v, m)
+        out = attention.FusedQuantAttnProcessor().attend(_Attn, quant, q, k, v, m)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_integer_layer_on_cuda_uses_int_mm(monkeypatch):
     from ptqd.runtime import kernel_for

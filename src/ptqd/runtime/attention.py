@@ -1,10 +1,14 @@
-"""Attention for the integer backend: the simulated model's quantized matmul inputs, with fused quantizers.
+"""Attention for the integer backend: the simulated model's quantized attention, computed in tiles.
 
 The two attention products (Q·Kᵀ and softmax·V) have no fast integer kernel on the CPU, so they run
-in float on quantized values, as in the simulated model, but each activation quantizer is one fused
-``torch.fake_quantize_per_tensor_affine`` pass instead of six elementwise ops, and the attention
-scale is applied to Q (the small tensor) rather than to the scores. On a CIFAR-sized UNet the scores
-are 16×32×256×256 floats per call, so the passes over them dominate its cost.
+in float on quantized values, as in the simulated model. What made them slow was not the products
+but the passes over the full score tensor (16×32×256×256 floats per call on a CIFAR-sized UNet, far
+larger than the caches): scores, softmax, the softmax output's quantizer and its mask. Here the
+scores are computed a tile of heads (and, for long sequences, of query rows) at a time, so every
+pass stays in cache, and the softmax output is quantized in place onto its integer grid
+``clamp(round(p / s) + z) − z``; the products with V of those exact small integers are scaled by
+``s`` once at the end. The attention scale is applied to Q (the small tensor) rather than to the
+scores. Same math as :class:`ptqd.quant.layers.QuantAttnProcessor` up to float summation order.
 """
 
 from __future__ import annotations
@@ -14,25 +18,80 @@ import torch
 from ptqd.quant.layers import QuantAttnProcessor
 from ptqd.quant.quantizer import PASS_BITS, qrange
 
+TILE_BYTES = 1 << 20  # score tile size: about a core's L2 cache
+
 
 def fused_fake_quant(aq, x: torch.Tensor) -> torch.Tensor:
-    """``aq(x)`` (an ActQuantizer at its current bit-width) in one fused pass."""
+    """``aq(x)`` (an ActQuantizer at its current bit-width) in two fast passes: quantize into a uint8/int8
+    container and dequantize (grids narrower than the container are clamped afterwards, exactly, since
+    the values are grid points). Like the integer layers' input quantization it rounds ``x·(1/s)``, so
+    a value within float rounding of a .5 tie can land one step from the simulated one (~1e-5 of them)."""
     if not aq.enabled or aq.bits >= PASS_BITS:
         return x
     qmin, qmax = qrange(aq.bits, aq.spec.symmetric)
-    return torch.fake_quantize_per_tensor_affine(x, float(aq.current_scale()), int(aq.current_zero_point()), qmin, qmax)
+    s, z = float(aq.current_scale()), int(aq.current_zero_point())
+    if x.device.type != "cpu" or not (0 <= qmin and qmax <= 255 and 0 <= z <= 255 or -128 <= qmin and qmax <= 127 and z == 0):
+        return torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
+    dtype = torch.quint8 if qmin >= 0 else torch.qint8
+    out = torch.quantize_per_tensor(x.float(), s, z, dtype).dequantize()
+    if qmax - qmin < 255:
+        out.clamp_((qmin - z) * s, (qmax - z) * s)
+    return out
+
+
+def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=None, tile_bytes: int | None = None):
+    """``softmax(query·keyᵀ + mask)·value`` over (batch, heads, tokens, dim) tensors, one tile of
+    heads/query rows at a time. ``probs_grid`` = (scale, zero_point, qmin, qmax) quantizes the
+    softmax output (as ``ActQuantizer`` does: round(p / scale) + zero_point, clamped); None keeps it float."""
+    tile_bytes = tile_bytes or TILE_BYTES
+    b, h, n, _ = query.shape
+    m, dv = key.shape[-2], value.shape[-1]
+    keys_t = key.transpose(-1, -2)
+    out = query.new_empty(b, h, n, dv)
+    per_row = m * query.element_size()
+    heads = max(1, min(h, tile_bytes // max(per_row * n, 1)))
+    rows = n if heads > 1 else max(1, min(n, tile_bytes // per_row))
+    for bi in range(b):
+        mb = None
+        if attention_mask is not None:
+            mb = attention_mask[bi if attention_mask.shape[0] > 1 else 0]
+        for h0 in range(0, h, heads):
+            h1 = min(h, h0 + heads)
+            kt, v = keys_t[bi, h0:h1], value[bi, h0:h1]
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                scores = torch.matmul(query[bi, h0:h1, r0:r1], kt)
+                if mb is not None:
+                    mt = mb[h0:h1] if mb.shape[0] > 1 else mb
+                    mt = mt[:, r0:r1] if mt.shape[1] > 1 else mt
+                    if mt.dtype == torch.bool:
+                        scores.masked_fill_(~mt, float("-inf"))
+                    else:
+                        scores.add_(mt)
+                probs = torch.softmax(scores, dim=-1)
+                del scores
+                if probs_grid is not None:
+                    s, z, qmin, qmax = probs_grid
+                    probs.div_(s).round_()
+                    if z:
+                        probs.add_(z)
+                    probs.clamp_(qmin, qmax)
+                    if z:
+                        probs.sub_(z)
+                out[bi, h0:h1, r0:r1] = torch.matmul(probs, v)
+    if probs_grid is not None:
+        out.mul_(probs_grid[0])
+    return out
 
 
 class FusedQuantAttnProcessor(QuantAttnProcessor):
-    """Same computation as :class:`ptqd.quant.layers.QuantAttnProcessor`, fewer passes over the scores."""
+    """Same computation as :class:`ptqd.quant.layers.QuantAttnProcessor`, in cache-sized tiles."""
 
     def attend(self, attn, quant, query, key, value, attention_mask):
-        scores = (fused_fake_quant(quant.q, query) * attn.scale) @ fused_fake_quant(quant.k, key).transpose(-1, -2)
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, float("-inf"))
-            else:
-                scores = scores + attention_mask
-        probs = fused_fake_quant(quant.softmax, torch.softmax(scores, dim=-1))
-        del scores
-        return probs @ fused_fake_quant(quant.v, value)
+        sm = quant.softmax
+        grid = None
+        if sm.enabled and sm.bits < PASS_BITS:
+            qmin, qmax = qrange(sm.bits, sm.spec.symmetric)
+            grid = (float(sm.current_scale()), int(sm.current_zero_point()), qmin, qmax)
+        q = fused_fake_quant(quant.q, query) * attn.scale
+        return tiled_quant_attention(q, fused_fake_quant(quant.k, key), fused_fake_quant(quant.v, value), attention_mask, grid)

@@ -167,7 +167,9 @@ class IntLayer(QuantLayer):
     def _quantize_u8(self, x: torch.Tensor, s_x: float, z_x: int, top: int) -> torch.Tensor:
         # fused round(x / s) + z_x, clamp, cast (it rounds x·(1/s) + z_x in float, so an activation that
         # lies within float rounding of a .5 tie can land one step from the simulated one: ~1e-5 of them)
-        xq = torch.quantize_per_tensor(x.float(), s_x, z_x, torch.quint8).int_repr()
+        q = torch.quantize_per_tensor(x.float(), s_x, z_x, torch.quint8)
+        # the oneDNN ops take plain uint8: reinterpret the quantized tensor's bytes instead of copying them (int_repr)
+        xq = torch.empty(0, dtype=torch.uint8, device=q.device).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
         if top < 255:
             xq.clamp_(0, top)
         return xq
