@@ -8,7 +8,8 @@ scores are computed a tile of heads (and, for long sequences, of query rows) at 
 pass stays in cache, and the softmax output is quantized in place onto its integer grid
 ``clamp(round(p / s) + z) − z``; the products with V of those exact small integers are scaled by
 ``s`` once at the end. The attention scale is applied to Q (the small tensor) rather than to the
-scores. Same math as :class:`ptqd.quant.layers.QuantAttnProcessor` up to float summation order.
+scores, and the second product is computed transposed (Vᵀ·Pᵀ), which BLAS runs ~4× faster for small
+head dimensions. Same math as :class:`ptqd.quant.layers.QuantAttnProcessor` up to float summation order.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from ptqd.quant.layers import QuantAttnProcessor
 from ptqd.quant.quantizer import PASS_BITS, qrange
 
-TILE_BYTES = 1 << 20  # score tile size: about a core's L2 cache
+TILE_BYTES = 1 << 20  # score tile size on the CPU: about a core's L2 cache
+TILE_BYTES_CUDA = 1 << 28  # on a GPU tiles only bound the memory of long sequences
 
 
 def fused_fake_quant(aq, x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +45,13 @@ def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=Non
     """``softmax(query·keyᵀ + mask)·value`` over (batch, heads, tokens, dim) tensors, one tile of
     heads/query rows at a time. ``probs_grid`` = (scale, zero_point, qmin, qmax) quantizes the
     softmax output (as ``ActQuantizer`` does: round(p / scale) + zero_point, clamped); None keeps it float."""
-    tile_bytes = tile_bytes or TILE_BYTES
+    tile_bytes = tile_bytes or (TILE_BYTES if query.device.type == "cpu" else TILE_BYTES_CUDA)
     b, h, n, _ = query.shape
     m, dv = key.shape[-2], value.shape[-1]
-    keys_t = key.transpose(-1, -2)
-    out = query.new_empty(b, h, n, dv)
+    keys_t, values_t = key.transpose(-1, -2), value.transpose(-1, -2)
+    # the second product is computed transposed, Vᵀ·Pᵀ: with a head dimension of 8 BLAS is ~4x faster
+    # at (dv × m)·(m × n) than at (n × m)·(m × dv)
+    out_t = query.new_empty(b, h, dv, n)
     per_row = m * query.element_size()
     heads = max(1, min(h, tile_bytes // max(per_row * n, 1)))
     rows = n if heads > 1 else max(1, min(n, tile_bytes // per_row))
@@ -57,7 +61,7 @@ def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=Non
             mb = attention_mask[bi if attention_mask.shape[0] > 1 else 0]
         for h0 in range(0, h, heads):
             h1 = min(h, h0 + heads)
-            kt, v = keys_t[bi, h0:h1], value[bi, h0:h1]
+            kt, vt = keys_t[bi, h0:h1], values_t[bi, h0:h1]
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
                 scores = torch.matmul(query[bi, h0:h1, r0:r1], kt)
@@ -78,10 +82,13 @@ def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=Non
                     probs.clamp_(qmin, qmax)
                     if z:
                         probs.sub_(z)
-                out[bi, h0:h1, r0:r1] = torch.matmul(probs, v)
+                if r1 - r0 == n:  # whole heads: a contiguous block of ``out_t``
+                    torch.matmul(vt, probs.transpose(-1, -2), out=out_t[bi, h0:h1])
+                else:
+                    out_t[bi, h0:h1, :, r0:r1] = torch.matmul(vt, probs.transpose(-1, -2))
     if probs_grid is not None:
-        out.mul_(probs_grid[0])
-    return out
+        out_t.mul_(probs_grid[0])
+    return out_t.transpose(-1, -2)
 
 
 class FusedQuantAttnProcessor(QuantAttnProcessor):

@@ -316,7 +316,9 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
         tensors = load_file(str(path / WEIGHTS))
     except Exception as e:
         raise PtqdError(f"{path / WEIGHTS} is unreadable ({e}); export the checkpoint again") from e
-    net = _build_net(manifest)
+    net = _build_net(manifest, device="meta")  # no float weights are allocated for the quantized layers
+    if _meta_left(net, set(net.state_dict())):  # state the config builds but the checkpoint cannot hold
+        net = _build_net(manifest)
     float_state = {k[len("float."):]: v for k, v in tensors.items() if k.startswith("float.")}
     expected = set(net.state_dict())
     layer_weights = {f"{r['name']}.weight" for r in manifest["layers"]}
@@ -327,9 +329,12 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
             f"{path / WEIGHTS} does not fit a {manifest['model']['class_name']} with this config: "
             f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    net.load_state_dict(float_state, strict=False)
+    net.load_state_dict(float_state, strict=False, assign=True)
     for rec in manifest["layers"]:
         _install_layer(net, rec, tensors, backend, path)
+    left = _meta_left(net)
+    if left:
+        raise PtqdError(f"{path / WEIGHTS} leaves {len(left)} tensors of the model unset (e.g. {left[:3]}); export the checkpoint again")
     for rec in manifest["attention"]:
         attn = net.get_submodule(rec["name"])
         attn.ptqd_quant = AttentionQuantizers(_spec(rec["act_spec"]), rec["act_bits"], _spec(rec["softmax_spec"]))
@@ -355,7 +360,14 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
     return run
 
 
-def _build_net(manifest: dict) -> nn.Module:
+def _meta_left(net: nn.Module, persistent: set[str] | None = None) -> list[str]:
+    """Names of parameters/buffers still on the meta device (only those outside ``persistent``, if given:
+    buffers a model creates in ``__init__`` without saving them, which meta construction would lose)."""
+    names = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    return names if persistent is None else [n for n in names if n not in persistent]
+
+
+def _build_net(manifest: dict, device: str = "cpu") -> nn.Module:
     import diffusers
 
     cls_name = manifest["model"]["class_name"]
@@ -364,7 +376,8 @@ def _build_net(manifest: dict) -> nn.Module:
         raise PtqdError(f"checkpoint model class {cls_name!r} is not in this diffusers version")
     cfg = {k: v for k, v in manifest["unet_config"].items() if not k.startswith("_")}
     try:
-        return cls.from_config(cfg)
+        with torch.device(device):
+            return cls.from_config(cfg)
     except Exception as e:
         raise PtqdError(f"cannot build {cls_name} from the checkpoint's config: {e}") from e
 
