@@ -12,6 +12,7 @@ from ptqd.correction import load_stats
 from ptqd.errors import PtqdError
 from ptqd.models import load
 from ptqd.runs import load_run
+from ptqd.runtime import load_checkpoint, read_manifest
 from ptqd.quant.wrap import find_unsupported, quant_layers
 
 STEPS = 3
@@ -178,6 +179,24 @@ def _end_to_end(model_dir, tmp_path, capsys, *extra, sample_extra=(), guidance=N
     return run, images, json.loads((run / "config.json").read_text())
 
 
+def _checkpoint_round_trip(run, tmp_path, capsys, sample_extra=()):
+    """Export ``run``; the checkpoint alone (no FP model) reproduces the run's samples (``s.npz``) with
+    the fake backend, bit for bit, and runs them on integer kernels."""
+    ck = tmp_path / "model.ptqd"
+    assert main(["export", str(run), "--out", str(ck)]) == 0, capsys.readouterr().err
+    ref = np.load(tmp_path / "s.npz")["images"]
+    out = {}
+    for backend in ("fake", "int"):
+        npz = tmp_path / f"ck_{backend}.npz"
+        rc = main(["sample", str(ck), "--backend", backend, "--num", "3", "--steps", str(STEPS), "--out", str(npz), "--no-progress", *sample_extra])
+        assert rc == 0, capsys.readouterr().err
+        out[backend] = np.load(npz)["images"]
+    assert np.array_equal(out["fake"], ref)
+    assert out["int"].shape == ref.shape
+    assert np.abs(out["int"].astype(float) - ref).mean() < 8  # rounding-boundary flips only (of 255)
+    return ck
+
+
 def _final_latents(run_dir, guidance):
     """Final sampler outputs (before the decoder) with all corrections and with none."""
     from ptqd.correction import plan_sampling
@@ -248,6 +267,8 @@ def test_class_conditional_latent_kl_end_to_end(pipes, tmp_path, capsys):
     assert images.shape == (3, 16, 16, 3) and cfg["calibration"]["guidance"] == 2.0
     assert list(np.load(tmp_path / "s.npz")["labels"]) == [1, 3, 1]
     assert (run / "noise_stats_ddim3_eta1_g2.safetensors").is_file()
+    ck = _checkpoint_round_trip(run, tmp_path, capsys, sample_extra=("--labels", "1,3"))
+    assert read_manifest(ck)["decoder"]["class_name"] == "AutoencoderKL" and (ck / "decoder.safetensors").is_file()
 
 
 def test_dit_pipeline_end_to_end_sees_only_eps(pipes, tmp_path, capsys):
@@ -268,6 +289,8 @@ def test_dit_pipeline_end_to_end_sees_only_eps(pipes, tmp_path, capsys):
     assert any(o["kind"] == "qk" for o in bops)
     stats = load_stats(next(run.glob("noise_stats_*.safetensors")))
     assert stats.meta["channels"] == 4 and stats.mu.shape[-1] == 4  # statistics of the noise half only
+    ck = _checkpoint_round_trip(run, tmp_path, capsys)
+    assert read_manifest(ck)["adapter"] == {"kind": "dit", "eps_channels": 4, "learned_sigma": True}
 
 
 def test_stable_diffusion_pipeline_end_to_end_with_prompts(pipes, tmp_path, capsys):
@@ -291,6 +314,11 @@ def test_stable_diffusion_pipeline_end_to_end_with_prompts(pipes, tmp_path, caps
     assert any(n.endswith("attn2.to_k") for n in names)
     layers = json.loads((run / "summary.json").read_text())["layers"]
     assert (layers[0]["name"], layers[-1]["name"]) == ("conv_in", "conv_out") and layers[-1]["w_bits"] == 8
+    # a checkpoint carries the prompt embeddings (no text encoder): same samples, other prompts refused
+    ck = _checkpoint_round_trip(run, tmp_path, capsys)
+    assert read_manifest(ck)["model"]["prompts"] == PROMPTS
+    with pytest.raises(PtqdError, match="exported prompts"):
+        load_checkpoint(ck).fp.with_prompts(["a yellow dog"])
     # sampling with other prompts reuses the run (prompt ids index the new file)
     other = tmp_path / "other.txt"
     other.write_text("a yellow dog\n")

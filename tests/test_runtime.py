@@ -244,7 +244,25 @@ def test_w4_checkpoint_is_small_and_self_describing(checkpoint):
     assert all(r["integer"] for r in manifest["layers"]) and any(p["packed"] for r in manifest["layers"] for p in r["parts"])
     stats = manifest["noise_stats"]
     assert stats and stats[0]["bits"] == [4, 8] and "A" in stats[0]["bit_schedule"]["text"]
-    assert manifest["version"] == 1 and manifest["model"]["name"] == "digits16-cond"
+    assert manifest["version"] == 2 and manifest["model"]["name"] == "digits16-cond"
+    assert manifest["adapter"] == {"kind": "unet"} and manifest["decoder"] is None
+
+
+def test_version_1_checkpoints_still_load(checkpoint, tmp_path):
+    import shutil
+
+    ck = tmp_path / "v1"
+    shutil.copytree(checkpoint, ck)
+    m = json.loads((ck / MANIFEST).read_text())
+    m["version"] = 1
+    for key in ("adapter", "decoder"):
+        del m[key]
+    del m["model"]["prompts"]
+    (ck / MANIFEST).write_text(json.dumps(m))
+    x, y = torch.randn(2, 1, 16, 16), torch.arange(2)
+    old, new = load_checkpoint(ck, "fake").model, load_checkpoint(checkpoint, "fake").model
+    assert old.describe()["kind"] == "unet" and old.decoder is None
+    assert torch.equal(old.denoise(x, torch.tensor(300), y, 3.0), new.denoise(x, torch.tensor(300), y, 3.0))
 
 
 def test_loaded_checkpoint_reproduces_the_run(run_dir, checkpoint):

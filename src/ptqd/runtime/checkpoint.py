@@ -9,7 +9,14 @@ A checkpoint directory (``model.ptqd/``) holds
 * ``weights.safetensors`` — integer weights (``q − qmin`` as uint8; 4-bit and lower packed two per
   byte), per-output-channel scales and zero points, activation scales per bit-width and zero points,
   and the parameters that stay in float (normalisations, embeddings, biases);
-* ``noise_stats_*.safetensors`` (+ ``.json``) — the run's PTQD statistics (fitted arrays only).
+* ``noise_stats_*.safetensors`` (+ ``.json``) — the run's PTQD statistics (fitted arrays only);
+* ``decoder.safetensors`` — latent models only: the full-precision VQModel/AutoencoderKL that turns
+  final latents into images (its config and scaling factor are in the manifest).
+
+How the denoiser is called travels in the manifest too (``adapter``: a UNet2DModel's class ids, a
+DiT's class ids and eps half, or a cross-attention context table, stored in ``weights.safetensors``
+as ``adapter.context``: a text-to-image checkpoint generates for the prompts it was exported with).
+Format version 2 added the adapter and decoder; version 1 checkpoints (pixel UNets) still load.
 
 The manifest is written last, so an interrupted export leaves no loadable checkpoint. Loading checks
 format, version, sizes and checksums before reading anything, and refuses damaged files clearly.
@@ -38,9 +45,10 @@ from ptqd.runtime.kernels import IntLayer, integer_weight
 from ptqd.runtime.pack import pack_nibbles, unpack_nibbles
 
 FORMAT = "ptqd-quantized-checkpoint"
-VERSION = 1
+VERSION = 2
 MANIFEST = "ptqd_checkpoint.json"
 WEIGHTS = "weights.safetensors"
+DECODER = "decoder.safetensors"
 BACKENDS = ("int", "fake")
 
 
@@ -52,6 +60,13 @@ class CheckpointModel(DiffusionModel):
 
     def fingerprint(self) -> str:
         return self.stored_fingerprint
+
+    def with_prompts(self, prompts: list[str]) -> "DiffusionModel":
+        have = f"its {len(self.prompts)} exported prompts" if self.prompts else "no prompts"
+        raise PtqdError(
+            f"checkpoint {self.path} carries the prompt embeddings it was exported with ({have}), not a text encoder; "
+            "sample other prompts from the quantization run directory (`ptqd sample RUN --prompts FILE`)"
+        )
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -168,11 +183,21 @@ def export(run, out: str | Path, progress: bool = True) -> Path:
             key = f"{owner[:-3]}.{leaf}"
         tensors[f"float.{key}"] = v.detach().contiguous()
 
+    fp = run.fp
+    adapter = _adapter_record(fp, tensors)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
     stats_entries = _export_stats(run, out)
     files = {WEIGHTS: None, **{e["file"]: None for e in stats_entries}, **{e["table"]: None for e in stats_entries}}
-    fp = run.fp
+    decoder = None
+    (out / DECODER).unlink(missing_ok=True)
+    if fp.decoder is not None:
+        vae = fp.decoder.vae
+        with atomic_path(out / DECODER) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(tmp))
+        decoder = {"class_name": type(vae).__name__, "config": json.loads(json.dumps(dict(vae.config), default=_jsonable)),
+                   "scaling_factor": fp.decoder.scaling_factor, "file": DECODER}
+        files[DECODER] = None
     unet_cfg = dict(getattr(fp.unet, "config", {}))
     manifest = {
         "format": FORMAT,
@@ -181,8 +206,10 @@ def export(run, out: str | Path, progress: bool = True) -> Path:
         "model": {
             "name": fp.name, "fingerprint": fp.fingerprint(), "class_name": type(fp.unet).__name__,
             "num_classes": fp.num_classes, "null_class": fp.null_class, "image_size": fp.image_size,
-            "channels": fp.channels, "info": fp.info,
+            "channels": fp.channels, "info": fp.info, "prompts": fp.prompts,
         },
+        "adapter": adapter,
+        "decoder": decoder,
         "unet_config": json.loads(json.dumps(unet_cfg, default=_jsonable)),
         "scheduler_config": fp.scheduler_config,
         "run": run.config,
@@ -204,6 +231,66 @@ def export(run, out: str | Path, progress: bool = True) -> Path:
             f"{len(stats_entries)} noise statistics file(s)"
         )
     return out
+
+
+def _adapter_record(fp: DiffusionModel, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """How the denoiser is called (``fp.adapter``), for the manifest; a context table goes into ``tensors``."""
+    from ptqd.models.adapters import ContextAdapter, DiTAdapter, UNetAdapter
+
+    a = fp.adapter
+    if isinstance(a, ContextAdapter):
+        tensors["adapter.context"] = a.context.detach().float().cpu().contiguous()
+        return {"kind": a.kind, "source": a.source, "names": a.names}
+    if isinstance(a, DiTAdapter):
+        return {"kind": a.kind, "eps_channels": a.eps_channels, "learned_sigma": a.learned_sigma}
+    if type(a) is UNetAdapter:
+        return {"kind": a.kind}
+    raise PtqdError(f"cannot export a model called through {type(a).__name__}; ptqd checkpoints know UNet, DiT and cross-attention denoisers")
+
+
+def _make_adapter(manifest: dict, tensors: dict, path: Path):
+    from ptqd.models.adapters import ContextAdapter, DiTAdapter, UNetAdapter
+
+    rec = manifest.get("adapter") or {"kind": "unet"}  # version 1: pixel UNets only
+    kind = rec.get("kind")
+    if kind == "unet":
+        return UNetAdapter()
+    if kind == "dit":
+        return DiTAdapter(int(rec["eps_channels"]), bool(rec["learned_sigma"]))
+    if kind == "cross-attention":
+        return ContextAdapter(_tensor(tensors, "adapter.context", path).float(), rec.get("names"), rec.get("source", "context"))
+    raise PtqdError(f"{path / MANIFEST}: unknown denoiser adapter {kind!r}; upgrade ptqd or export the checkpoint again")
+
+
+def _make_decoder(manifest: dict, path: Path):
+    """The FP latent decoder stored with the checkpoint (None for pixel models)."""
+    rec = manifest.get("decoder")
+    if not rec:
+        return None
+    import diffusers
+    from safetensors.torch import load_file
+
+    from ptqd.models.adapters import LatentDecoder
+
+    cls = getattr(diffusers, rec["class_name"], None)
+    if cls is None:
+        raise PtqdError(f"{path / MANIFEST}: decoder class {rec['class_name']!r} is not in this diffusers version")
+    f = path / rec["file"]
+    try:
+        state = load_file(str(f))
+    except Exception as e:
+        raise PtqdError(f"{f} is unreadable ({e}); export the checkpoint again") from e
+    cfg = {k: v for k, v in rec["config"].items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            vae = cls.from_config(cfg)
+        vae.load_state_dict(state, assign=True)
+    except Exception as e:
+        raise PtqdError(f"{f} does not fit a {rec['class_name']} with the manifest's config ({e}); export the checkpoint again") from e
+    left = _meta_left(vae)
+    if left:
+        raise PtqdError(f"{f} leaves {len(left)} decoder tensors unset (e.g. {left[:3]}); export the checkpoint again")
+    return LatentDecoder(vae.float(), float(rec["scaling_factor"]))
 
 
 def _jsonable(v):
@@ -300,9 +387,11 @@ def _spec(d: dict) -> QuantSpec:
 def load_checkpoint(path: str | Path, backend: str = "int"):
     """A :class:`ptqd.runs.QuantizedRun` rebuilt from checkpoint ``path`` without the FP weights.
 
-    ``backend="int"``: quantized layers run integer kernels (attention products: fused fake
-    quantization, see :mod:`ptqd.runtime.attention`); ``"fake"``: the simulated model (fake
-    quantization in float), numerically the run's quantized model.
+    ``backend="int"``: quantized layers run integer kernels (attention products: quantized values in
+    float, tiled, see :mod:`ptqd.runtime.attention`); ``"fake"``: the simulated model (fake
+    quantization in float), numerically the run's quantized model. The diffusers model is built on
+    the meta device and filled from the checkpoint (models with state the checkpoint cannot hold,
+    e.g. non-persistent buffers, are built normally).
     """
     from safetensors.torch import load_file
 
@@ -354,6 +443,7 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
         name=m["name"], unet=net, scheduler_config=manifest["scheduler_config"], num_classes=m["num_classes"],
         null_class=m["null_class"], image_size=m["image_size"], channels=m["channels"], path=path,
         info={**m.get("info", {}), "checkpoint": str(path), "backend": backend}, stored_fingerprint=m["fingerprint"],
+        adapter=_make_adapter(manifest, tensors, path), decoder=_make_decoder(manifest, path), prompts=m.get("prompts"),
     )
     run = QuantizedRun(model, net, run_config, path, {"size": manifest.get("size", {})})
     run.manifest = manifest
