@@ -151,6 +151,9 @@ def _worker(q, *args):
 
 
 def _baseline(q, threads):
+    import diffusers  # noqa: F401  (every backend's process imports it: ≈180 MB of the idle footprint)
+
+    import ptqd.models  # noqa: F401
     import ptqd.runtime  # noqa: F401
 
     q.put(("ok", peak_rss_mb()))
@@ -252,7 +255,7 @@ def to_markdown(r: dict) -> str:
             memv = row.get("peak_gpu_mb", row.get("peak_rss_mb"))
             lines.append(f"| {name} | {be} | " + " | ".join(cells) + f" | {memv} |")
     if "baseline_rss_mb" in r:
-        lines += ["", f"Peak RSS includes ≈{r['baseline_rss_mb']} MB of an idle process with torch and ptqd imported."]
+        lines += ["", f"Peak RSS includes ≈{r['baseline_rss_mb']} MB of an idle process with torch, diffusers and ptqd imported."]
     lines += ["", "| model | params | fp32 safetensors MB | W8A8 weights MB (×fp32) | W4A8 weights MB (×fp32) |", "|---|---|---|---|---|"]
     for name, m in r["models"].items():
         c = m["checkpoints"]
