@@ -155,7 +155,7 @@ class _Attn:
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
-@pytest.mark.parametrize("tile_bytes", [1 << 20, 2 * 40 * 24 * 4, 7 * 24 * 4])  # one tile, two heads, seven rows
+@pytest.mark.parametrize("tile_bytes", [1 << 20, 3 * 40 * 24 * 4, 2 * 40 * 24 * 4, 7 * 24 * 4])  # whole batch, one element, two heads, seven rows
 def test_tiled_attention_matches_the_simulated_attention(mask, tile_bytes, monkeypatch):
     from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor
     from ptqd.runtime import attention

@@ -42,9 +42,11 @@ def fused_fake_quant(aq, x: torch.Tensor) -> torch.Tensor:
 
 
 def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=None, tile_bytes: int | None = None):
-    """``softmax(query·keyᵀ + mask)·value`` over (batch, heads, tokens, dim) tensors, one tile of
-    heads/query rows at a time. ``probs_grid`` = (scale, zero_point, qmin, qmax) quantizes the
-    softmax output (as ``ActQuantizer`` does: round(p / scale) + zero_point, clamped); None keeps it float."""
+    """``softmax(query·keyᵀ + mask)·value`` over (batch, heads, tokens, dim) tensors, one tile at a time:
+    several batch elements when their heads fit a tile (small models: few, large tiles), else a group of
+    heads, else (long sequences) a block of query rows. ``probs_grid`` = (scale, zero_point, qmin, qmax)
+    quantizes the softmax output (as ``ActQuantizer`` does: round(p / scale) + zero_point, clamped);
+    None keeps it float. ``attention_mask`` broadcasts to (batch, heads, tokens, keys)."""
     tile_bytes = tile_bytes or (TILE_BYTES if query.device.type == "cpu" else TILE_BYTES_CUDA)
     b, h, n, _ = query.shape
     m, dv = key.shape[-2], value.shape[-1]
@@ -52,22 +54,27 @@ def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=Non
     # the second product is computed transposed, Vᵀ·Pᵀ: with a head dimension of 8 BLAS is ~4x faster
     # at (dv × m)·(m × n) than at (n × m)·(m × dv)
     out_t = query.new_empty(b, h, dv, n)
-    per_row = m * query.element_size()
-    heads = max(1, min(h, tile_bytes // max(per_row * n, 1)))
-    rows = n if heads > 1 else max(1, min(n, tile_bytes // per_row))
-    for bi in range(b):
-        mb = None
-        if attention_mask is not None:
-            mb = attention_mask[bi if attention_mask.shape[0] > 1 else 0]
+    per_head = n * m * query.element_size()
+    batches, heads, rows = 1, h, n
+    if per_head * h <= tile_bytes:
+        batches = tile_bytes // (per_head * h)
+    elif per_head <= tile_bytes:
+        heads = tile_bytes // per_head
+    else:
+        heads, rows = 1, max(1, tile_bytes // (m * query.element_size()))
+    mask = attention_mask
+    for b0 in range(0, b, batches):
+        b1 = min(b, b0 + batches)
         for h0 in range(0, h, heads):
             h1 = min(h, h0 + heads)
-            kt, vt = keys_t[bi, h0:h1], values_t[bi, h0:h1]
+            kt, vt = keys_t[b0:b1, h0:h1], values_t[b0:b1, h0:h1]
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                scores = torch.matmul(query[bi, h0:h1, r0:r1], kt)
-                if mb is not None:
-                    mt = mb[h0:h1] if mb.shape[0] > 1 else mb
-                    mt = mt[:, r0:r1] if mt.shape[1] > 1 else mt
+                scores = torch.matmul(query[b0:b1, h0:h1, r0:r1], kt)
+                if mask is not None:
+                    mt = mask[b0:b1] if mask.shape[0] > 1 else mask
+                    mt = mt[:, h0:h1] if mt.shape[1] > 1 else mt
+                    mt = mt[:, :, r0:r1] if mt.shape[2] > 1 else mt
                     if mt.dtype == torch.bool:
                         scores.masked_fill_(~mt, float("-inf"))
                     else:
@@ -83,9 +90,9 @@ def tiled_quant_attention(query, key, value, attention_mask=None, probs_grid=Non
                     if z:
                         probs.sub_(z)
                 if r1 - r0 == n:  # whole heads: a contiguous block of ``out_t``
-                    torch.matmul(vt, probs.transpose(-1, -2), out=out_t[bi, h0:h1])
+                    torch.matmul(vt, probs.transpose(-1, -2), out=out_t[b0:b1, h0:h1])
                 else:
-                    out_t[bi, h0:h1, :, r0:r1] = torch.matmul(vt, probs.transpose(-1, -2))
+                    out_t[b0:b1, h0:h1, :, r0:r1] = torch.matmul(vt, probs.transpose(-1, -2))
     if probs_grid is not None:
         out_t.mul_(probs_grid[0])
     return out_t.transpose(-1, -2)
