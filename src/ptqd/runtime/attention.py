@@ -4,8 +4,8 @@ The two attention products (Q·Kᵀ and softmax·V) have no fast integer kernel 
 in float on quantized values, as in the simulated model. What made them slow was not the products
 but the passes over the full score tensor (16×32×256×256 floats per call on a CIFAR-sized UNet, far
 larger than the caches): scores, softmax, the softmax output's quantizer and its mask. Here the
-scores are computed a tile of heads (and, for long sequences, of query rows) at a time, so every
-pass stays in cache, and the softmax output is quantized in place onto its integer grid
+scores are computed one cache-sized tile at a time (several batch elements, a group of heads or, for
+long sequences, a block of query rows), so every pass stays in cache, and the softmax output is quantized in place onto its integer grid
 ``clamp(round(p / s) + z) − z``; the products with V of those exact small integers are scaled by
 ``s`` once at the end. The attention scale is applied to Q (the small tensor) rather than to the
 scores, and the second product is computed transposed (Vᵀ·Pᵀ), which BLAS runs ~4× faster for small
