@@ -381,6 +381,12 @@ def test_cli_export_and_sample(run_dir, checkpoint, tmp_path, capsys):
     assert "--backend needs an exported checkpoint" in capsys.readouterr().err
     assert main(["export", str(ck), "--out", str(tmp_path / "again")]) == 2
     assert "already an exported checkpoint" in capsys.readouterr().err
+    # what needs the FP model says so, and does not suggest running it on the checkpoint
+    assert main(["stats", str(ck), "--no-progress"]) == 2
+    assert "exported checkpoint, not a quantization run" in capsys.readouterr().err
+    assert main(["sample", str(ck), "--num", "3", "--steps", "7", "--no-progress", "--out", str(tmp_path / "y.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "no noise statistics" in err and "export again" in err and f"ptqd stats {ck}" not in err
 
 
 def test_measure_speed(checkpoint):

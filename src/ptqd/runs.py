@@ -301,7 +301,7 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
     cfg_file = path / "config.json"
     state_file = path / "quant_state.safetensors"
     if not cfg_file.is_file():
-        raise PtqdError(f"{path} is not a quantization run (no config.json); make one with `ptqd quantize --out {path}`")
+        _not_a_run(path)
     if not state_file.is_file():
         raise PtqdError(f"{path} has no quant_state.safetensors: the run did not finish; rerun the same `ptqd quantize`")
     config = json.loads(cfg_file.read_text())
@@ -338,12 +338,23 @@ def _model_ref(fp: DiffusionModel) -> str:
     return str(fp.path)
 
 
+def _not_a_run(path: Path) -> None:
+    from ptqd.runtime.checkpoint import MANIFEST
+
+    if (path / MANIFEST).is_file():
+        raise PtqdError(
+            f"{path} is an exported checkpoint, not a quantization run: it samples (`ptqd sample {path}`), but "
+            "quantizing, noise statistics and exports need the FP model: use the run directory it was exported from"
+        )
+    raise PtqdError(f"{path} is not a quantization run (no config.json); make one with `ptqd quantize --out {path}`")
+
+
 def read_run_info(path: str | Path) -> dict[str, Any]:
     """What a run is, from its config.json and summary.json alone (no model is loaded)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise PtqdError(f"{path} is not a quantization run (no config.json); make one with `ptqd quantize --out {path}`")
+        _not_a_run(path)
     try:
         config = json.loads(cfg_file.read_text())
         summary_file = path / "summary.json"

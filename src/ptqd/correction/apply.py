@@ -137,10 +137,15 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
         found = sorted(p.name for p in Path(run.path).glob("noise_stats_*.safetensors"))
         g = f" --guidance {sampler.guidance:g}" if run.fp.conditional else ""
         eta = f" --eta {sampler.eta:g}" if sampler.scheduler == "ddim" else ""
+        collect = f"ptqd stats {{}} --scheduler {sampler.scheduler} --steps {sampler.steps}{eta}{g}"
+        if getattr(run, "manifest", None) is not None:  # an exported checkpoint: statistics need the FP model
+            how = (f"sample with the settings of those statistics, or with --correct none; or collect them in the "
+                   f"quantization run directory (`{collect.format('RUN')}`) and export again")
+        else:
+            how = f"collect them with `{collect.format(run.path)}`"
         raise PtqdError(
             f"{run.path} has no noise statistics for {sampler.scheduler} {sampler.steps} steps{eta.replace(' --', ' ')}"
-            f"{' guidance ' + format(sampler.guidance, 'g') if run.fp.conditional else ''} (found: {', '.join(found) or 'none'}); "
-            f"collect them with `ptqd stats {run.path} --scheduler {sampler.scheduler} --steps {sampler.steps}{eta}{g}`"
+            f"{' guidance ' + format(sampler.guidance, 'g') if run.fp.conditional else ''} (found: {', '.join(found) or 'none'}); {how}"
         )
     stats = load_stats(path)
     check_stats(stats, expected_meta(run, sampler))
