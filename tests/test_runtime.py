@@ -115,6 +115,45 @@ def test_integer_layer_matches_simulated(kind, wbits, sym_w, split, ada, sym_a, 
     assert torch.allclose(il.dequantized_weight(), layer.quantized_weight(), atol=1e-7)
 
 
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1), dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=3, padding=1, groups=4), dict(kernel_size=(3, 1), padding=(1, 0)),
+])
+def test_zero_point_terms_at_the_borders(geometry):
+    """The input zero point's contribution is folded into the bias and corrected on border rows/columns:
+    every output position must match, whatever the stride, padding, dilation and grouping."""
+    g = torch.Generator().manual_seed(2)
+    fp = nn.Conv2d(16, 12, **geometry).requires_grad_(False)
+    layer = _calibrated(fp, 8, True, 0, False)
+    x = torch.randn(2, 16, 7, 10, generator=g) + 1.5  # mostly positive: a large input zero point offset
+    _calibrate_acts(layer, x)
+    il = _int_twin(layer, nn.Conv2d(16, 12, **geometry, device="meta"))
+    assert int(il.act_quantizers[0].current_zero_point()) != 0
+    ref, out = layer(x), il(x)
+    off = (out - ref).abs() > 1e-5 * ref.abs().max()
+    assert off.float().mean() < 0.02  # only outputs reading an input that sits on a rounding tie
+
+
+def test_layer_switching_between_zero_and_nonzero_input_zero_points():
+    """Mixed precision may give a layer's input a zero point of 0 at one bit-width and not at another
+    (no zero-point terms at one, folded terms at the other): alternating steps must stay exact."""
+    g = torch.Generator().manual_seed(4)
+    for kind in ("conv", "linear"):
+        if kind == "conv":
+            fp, meta, x = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1, device="meta"), torch.rand(2, 8, 5, 5, generator=g)
+        else:
+            fp, meta, x = nn.Linear(8, 6), nn.Linear(8, 6, device="meta"), torch.rand(2, 3, 8, generator=g)
+        layer = _calibrated(fp.requires_grad_(False), 8, False, 0, False)
+        _calibrate_acts(layer, x - 0.2)
+        layer.act_quantizers[0].zero_point[0] = 0.0  # A4 grid starts at 0, A8 does not
+        il = _int_twin(layer, meta)
+        for bits in (4, 8, 4, 8):
+            for q in (layer.act_quantizers[0], il.act_quantizers[0]):
+                q.set_bits(bits)
+            ref = layer(x)
+            assert (il(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_grouped_conv_with_offsets():
     g = torch.Generator().manual_seed(1)
     fp = nn.Conv2d(16, 8, 3, padding=1, groups=2).requires_grad_(False)

@@ -177,22 +177,25 @@ class IntLayer(QuantLayer):
 
     def _onednn_weights(self, i: int) -> dict:
         """Prepacked weights and everything else a call needs that does not change between calls; with
-        non-zero offsets d, one extra output channel of ones yields s_x·Σ(q_x − z_x)."""
+        non-zero offsets d, one extra output channel of ones yields s_x·Σ q_x over the receptive field."""
         plan = self._packed.get(i)
         if plan is None:
             w8, ws, d = getattr(self, f"w8_{i}"), getattr(self, f"wscale_{i}"), getattr(self, f"wd_{i}")
             offsets = bool((d != 0).any())
-            extra = offsets and (self.kind == "linear" or self.fp.groups == 1)
+            grouped = self.kind == "conv" and self.fp.groups != 1
+            extra = offsets and not grouped
+            # the weights the input's zero point multiplies: q_w − z_w (offsets of grouped convs have their own term)
+            true_w = (w8.float() + d.float().reshape(-1, *[1] * (w8.ndim - 1))) if extra else w8.float()
             if extra:
                 w8 = torch.cat([w8, torch.ones_like(w8[:1])])
                 ws = torch.cat([ws, ws.new_ones(1)])
             bias = self.bias_fp if i == 0 else None
-            if extra and bias is not None:
-                bias = torch.cat([bias, bias.new_zeros(1)])
             fp = self.fp
             coef = (d.float() * getattr(self, f"wscale_{i}")).contiguous()
-            plan = {"ws": ws.contiguous(), "zeros": torch.zeros(ws.numel(), dtype=torch.long), "bias": bias,
-                    "extra": extra, "n": coef.numel(), "grouped_offsets": offsets and not extra}
+            bias_ext = torch.cat([bias, bias.new_zeros(1)]) if extra and bias is not None else bias
+            plan = {"ws": ws.contiguous(), "zeros": torch.zeros(ws.numel(), dtype=torch.long), "bias": bias, "bias_ext": bias_ext,
+                    "extra": extra, "n": coef.numel(), "grouped_offsets": offsets and grouped,
+                    "true_w": true_w, "wscale": getattr(self, f"wscale_{i}"), "by_grid": {}}
             if self.kind == "conv":
                 geo = (list(fp.stride), list(fp.padding), list(fp.dilation), fp.groups)
                 plan["packed"] = torch.ops.onednn.qconv_prepack(w8, ws, 1.0, 0, *geo, None)
@@ -204,20 +207,61 @@ class IntLayer(QuantLayer):
             self._packed[i] = plan
         return plan
 
+    def _zero_point_terms(self, p: dict, x: torch.Tensor, s_x: float, z_x: int) -> tuple[torch.Tensor | None, list]:
+        """oneDNN runs asymmetric inputs (zero point ≠ 0) through a slower path (5× slower for small
+        feature maps), so the kernels get zero point 0 and the zero point's contribution
+        −s_x·z_x·s_w[c]·Σ_{taps inside the input} w[c] is added here. Away from the borders it is a
+        per-channel constant, folded into the bias; on the border rows/columns (where padding taps
+        drop out) the remainder is subtracted from those slices only. Returns (bias, border patches),
+        cached per input grid and feature-map size."""
+        key = (s_x, z_x, tuple(x.shape[2:]) if self.kind == "conv" else None)
+        got = p["by_grid"].get(key)
+        if got is not None:
+            return got
+        full_sum = p["true_w"].reshape(p["n"], -1).sum(1)  # exact: integers far below 2**24
+        k = s_x * z_x * p["wscale"]
+        bias = -(k * full_sum)
+        if p["bias"] is not None:
+            bias = p["bias"] + bias
+        if p["extra"]:
+            bias = torch.cat([bias, bias.new_zeros(1)])  # the extra channel's Σ q_x takes no zero point
+        patches = []
+        if self.kind == "conv":
+            stride, padding, dilation, groups = p["geometry"]
+            ones = torch.ones(1, x.shape[1], *x.shape[2:])
+            inside = F.conv2d(ones, p["true_w"], None, stride, padding, dilation, groups)[0]  # (n, Ho, Wo) tap sums
+            border = (full_sum.reshape(-1, 1, 1) - inside) * k.reshape(-1, 1, 1)  # what the constant over-subtracted
+            rows = (border != 0).any(2).any(0).tolist()
+            cols = (border != 0).any(1).any(0).tolist()
+            row_runs, mid_runs = _runs(rows, True), _runs(rows, False)
+            for r0, r1 in row_runs:
+                patches.append((slice(r0, r1), slice(None), border[:, r0:r1, :].contiguous()))
+            for c0, c1 in _runs(cols, True):
+                for r0, r1 in mid_runs:
+                    patches.append((slice(r0, r1), slice(c0, c1), border[:, r0:r1, c0:c1].contiguous()))
+        got = (bias.contiguous(), patches)
+        p["by_grid"][key] = got
+        return got
+
     def _onednn(self, i, x, s_x, z_x, top):
         xq = self._quantize_u8(x, s_x, z_x, top)
         p = self._onednn_weights(i)
+        # the kernels always see input zero point 0: its contribution is in the bias and border patches
+        bias, patches = self._zero_point_terms(p, x, s_x, z_x) if z_x else (p["bias_ext"], [])
         if self.kind == "conv":
             out = torch.ops.onednn.qconv2d_pointwise(
-                xq, s_x, z_x, p["packed"], p["ws"], p["zeros"], p["bias"], *p["geometry"], 1.0, 0, torch.float32, "none", [], "",
+                xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, *p["geometry"], 1.0, 0, torch.float32, "none", [], "",
             )
         else:
-            out = torch.ops.onednn.qlinear_pointwise(xq, s_x, z_x, p["packed"], p["ws"], p["zeros"], p["bias"], 1.0, 0, torch.float32, "none", [], "")
+            out = torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, 1.0, 0, torch.float32, "none", [], "")
         if p["extra"]:
             n = p["n"]
             if self.kind == "conv":
-                return torch.addcmul(out[:, :n], out[:, n:], p["coef"])
-            return torch.addcmul(out[..., :n], out[..., n:], p["coef"])
+                out = torch.addcmul(out[:, :n], out[:, n:], p["coef"])
+            else:
+                out = torch.addcmul(out[..., :n], out[..., n:], p["coef"])
+        for rows, cols, patch in patches:
+            out[:, :, rows, cols] += patch
         if p["grouped_offsets"]:  # grouped convolution with offsets: channel sums per group
             out = out + self._offset_term(xq, z_x, i, s_x)
         return out
@@ -278,6 +322,18 @@ class IntLayer(QuantLayer):
         if self.kind == "linear":
             return out.reshape(*lead, n)
         return out.reshape(b, ho, wo, n).permute(0, 3, 1, 2)
+
+
+def _runs(flags: list[bool], value: bool) -> list[tuple[int, int]]:
+    """Maximal ranges [start, stop) where ``flags`` equals ``value``."""
+    out, start = [], None
+    for j, f in enumerate([*flags, not value]):
+        if f == value and start is None:
+            start = j
+        elif f != value and start is not None:
+            out.append((start, j))
+            start = None
+    return out
 
 
 def int_mm(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
