@@ -184,8 +184,6 @@ class IntLayer(QuantLayer):
             offsets = bool((d != 0).any())
             grouped = self.kind == "conv" and self.fp.groups != 1
             extra = offsets and not grouped
-            # the weights the input's zero point multiplies: q_w − z_w (offsets of grouped convs have their own term)
-            true_w = (w8.float() + d.float().reshape(-1, *[1] * (w8.ndim - 1))) if extra else w8.float()
             if extra:
                 w8 = torch.cat([w8, torch.ones_like(w8[:1])])
                 ws = torch.cat([ws, ws.new_ones(1)])
@@ -195,7 +193,7 @@ class IntLayer(QuantLayer):
             bias_ext = torch.cat([bias, bias.new_zeros(1)]) if extra and bias is not None else bias
             plan = {"ws": ws.contiguous(), "zeros": torch.zeros(ws.numel(), dtype=torch.long), "bias": bias, "bias_ext": bias_ext,
                     "extra": extra, "n": coef.numel(), "grouped_offsets": offsets and grouped,
-                    "true_w": true_w, "wscale": getattr(self, f"wscale_{i}"), "by_grid": {}}
+                    "part": i, "wscale": getattr(self, f"wscale_{i}"), "by_grid": {}}
             if self.kind == "conv":
                 geo = (list(fp.stride), list(fp.padding), list(fp.dilation), fp.groups)
                 plan["packed"] = torch.ops.onednn.qconv_prepack(w8, ws, 1.0, 0, *geo, None)
@@ -212,13 +210,17 @@ class IntLayer(QuantLayer):
         feature maps), so the kernels get zero point 0 and the zero point's contribution
         −s_x·z_x·s_w[c]·Σ_{taps inside the input} w[c] is added here. Away from the borders it is a
         per-channel constant, folded into the bias; on the border rows/columns (where padding taps
-        drop out) the remainder is subtracted from those slices only. Returns (bias, border patches),
-        cached per input grid and feature-map size."""
+        drop out) what the constant took too much is added back on those slices only. Returns (bias,
+        border patches), cached per input grid and feature-map size."""
         key = (s_x, z_x, tuple(x.shape[2:]) if self.kind == "conv" else None)
         got = p["by_grid"].get(key)
         if got is not None:
             return got
-        full_sum = p["true_w"].reshape(p["n"], -1).sum(1)  # exact: integers far below 2**24
+        # the weights the zero point multiplies, q_w − z_w (grouped convs' offsets d have their own term);
+        # built when a new grid or size first appears, not kept (a float copy of every weight)
+        w8, d = getattr(self, f"w8_{p['part']}"), getattr(self, f"wd_{p['part']}")
+        true_w = w8.float() + d.float().reshape(-1, *[1] * (w8.ndim - 1)) if p["extra"] else w8.float()
+        full_sum = true_w.reshape(p["n"], -1).sum(1)  # exact: integers far below 2**24
         k = s_x * z_x * p["wscale"]
         bias = -(k * full_sum)
         if p["bias"] is not None:
@@ -229,7 +231,7 @@ class IntLayer(QuantLayer):
         if self.kind == "conv":
             stride, padding, dilation, groups = p["geometry"]
             ones = torch.ones(1, x.shape[1], *x.shape[2:])
-            inside = F.conv2d(ones, p["true_w"], None, stride, padding, dilation, groups)[0]  # (n, Ho, Wo) tap sums
+            inside = F.conv2d(ones, true_w, None, stride, padding, dilation, groups)[0]  # (n, Ho, Wo) tap sums
             border = (full_sum.reshape(-1, 1, 1) - inside) * k.reshape(-1, 1, 1)  # what the constant over-subtracted
             rows = (border != 0).any(2).any(0).tolist()
             cols = (border != 0).any(1).any(0).tolist()
