@@ -233,14 +233,18 @@ class IntLayer(QuantLayer):
             ones = torch.ones(1, x.shape[1], *x.shape[2:])
             inside = F.conv2d(ones, true_w, None, stride, padding, dilation, groups)[0]  # (n, Ho, Wo) tap sums
             border = (full_sum.reshape(-1, 1, 1) - inside) * k.reshape(-1, 1, 1)  # what the constant over-subtracted
-            rows = (border != 0).any(2).any(0).tolist()
-            cols = (border != 0).any(1).any(0).tolist()
+            # border rows/columns: where some tap of the kernel's height/width falls into the padding
+            kh, kw = self.fp.kernel_size
+            rows = F.conv2d(torch.ones(1, 1, x.shape[2], 1), torch.ones(1, 1, kh, 1), None, (stride[0], 1), (padding[0], 0), (dilation[0], 1))
+            cols = F.conv2d(torch.ones(1, 1, 1, x.shape[3]), torch.ones(1, 1, 1, kw), None, (1, stride[1]), (0, padding[1]), (1, dilation[1]))
+            rows, cols = (rows.reshape(-1) < kh).tolist(), (cols.reshape(-1) < kw).tolist()
             row_runs, mid_runs = _runs(rows, True), _runs(rows, False)
+            cl = torch.channels_last  # the layout of the kernels' outputs: patches in it add fastest
             for r0, r1 in row_runs:
-                patches.append((slice(r0, r1), slice(None), border[:, r0:r1, :].contiguous()))
+                patches.append((slice(r0, r1), slice(None), border[None, :, r0:r1, :].contiguous(memory_format=cl)))
             for c0, c1 in _runs(cols, True):
                 for r0, r1 in mid_runs:
-                    patches.append((slice(r0, r1), slice(c0, c1), border[:, r0:r1, c0:c1].contiguous()))
+                    patches.append((slice(r0, r1), slice(c0, c1), border[None, :, r0:r1, c0:c1].contiguous(memory_format=cl)))
         got = (bias.contiguous(), patches)
         p["by_grid"][key] = got
         return got
