@@ -15,7 +15,10 @@ Activations are quantized onto the layer's own grid (scale, zero point, bit-widt
 Two kernels, picked by the device of the input (or forced with ``set_kernel``):
 
 * ``onednn`` (CPU): ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` with fp32
-  output — PyTorch's x86 quantized backend, prepacked weights.
+  output — PyTorch's x86 quantized backend, prepacked weights. The kernels always get input zero
+  point 0 (oneDNN's zero-point path is up to 5× slower on small feature maps); the zero point's
+  exact contribution goes into the bias and, where padding cuts taps off, onto the border rows and
+  columns (``IntLayer._zero_point_terms``).
 * ``intmm`` (CUDA; also runs on CPU for testing, slowly): ``torch._int_mm`` on int8 matrices
   (im2col for convolutions), activations shifted to int8 by −128 with the shift corrected by the
   weights' column sums.
@@ -206,12 +209,11 @@ class IntLayer(QuantLayer):
         return plan
 
     def _zero_point_terms(self, p: dict, x: torch.Tensor, s_x: float, z_x: int) -> tuple[torch.Tensor | None, list]:
-        """oneDNN runs asymmetric inputs (zero point ≠ 0) through a slower path (5× slower for small
-        feature maps), so the kernels get zero point 0 and the zero point's contribution
-        −s_x·z_x·s_w[c]·Σ_{taps inside the input} w[c] is added here. Away from the borders it is a
-        per-channel constant, folded into the bias; on the border rows/columns (where padding taps
-        drop out) what the constant took too much is added back on those slices only. Returns (bias,
-        border patches), cached per input grid and feature-map size."""
+        """The input zero point's contribution −s_x·z_x·s_w[c]·Σ_{taps inside the input} w[c], for
+        kernels run with zero point 0. Away from the borders it is a per-channel constant, folded
+        into the bias; on the border rows/columns (where padding taps drop out) what the constant
+        took too much is added back on those slices only. Returns (bias, border patches), cached per
+        input grid and feature-map size."""
         key = (s_x, z_x, tuple(x.shape[2:]) if self.kind == "conv" else None)
         got = p["by_grid"].get(key)
         if got is not None:
