@@ -284,6 +284,8 @@ def _make_decoder(manifest: dict, path: Path):
     try:
         with torch.device("meta"):
             vae = cls.from_config(cfg)
+        if _meta_left(vae, set(vae.state_dict())):  # buffers the state dict does not hold: build normally
+            vae = cls.from_config(cfg)
         vae.load_state_dict(state, assign=True)
     except Exception as e:
         raise PtqdError(f"{f} does not fit a {rec['class_name']} with the manifest's config ({e}); export the checkpoint again") from e
