@@ -139,7 +139,7 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
         eta = f" --eta {sampler.eta:g}" if sampler.scheduler == "ddim" else ""
         collect = f"ptqd stats {{}} --scheduler {sampler.scheduler} --steps {sampler.steps}{eta}{g}"
         if getattr(run, "manifest", None) is not None:  # an exported checkpoint: statistics need the FP model
-            how = (f"sample with the settings of those statistics, or with --correct none; or collect them in the "
+            how = ("sample with the settings of those statistics, or with --correct none; or collect them in the "
                    f"quantization run directory (`{collect.format('RUN')}`) and export again")
         else:
             how = f"collect them with `{collect.format(run.path)}`"
