@@ -106,5 +106,5 @@ def test_cli_sample_evaluate_roundtrip(tmp_path):
     s = load_samples(out)
     assert s.config["steps"] == 3 and len(s.images) == 20
     assert main(["evaluate", str(out)]) == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "s.metrics.json").read_text())
     assert set(["fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples"]) <= set(metrics)

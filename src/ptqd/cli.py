@@ -147,7 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
     e.add_argument("--device", default="cpu", help="device of the Inception network")
     e.add_argument("--batch-size", type=int, default=100, help="Inception batch size")
-    e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: metrics.json beside the samples)")
+    e.add_argument(
+        "--against", type=Path, default=None, metavar="FP.npz",
+        help="FP samples of the same seeds: adds paired PSNR/SSIM/MSE per image and FD→FP (the Fréchet distance to the FP set)",
+    )
+    e.add_argument(
+        "--floor", type=Path, default=None, metavar="FP_OTHER.npz",
+        help="FP samples of another seed: the noise floor of FD→FP (FD between the two FP sets), shown as FD→FP / floor",
+    )
+    e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: S.metrics.json beside S.npz)")
     e.add_argument("--no-progress", action="store_true")
 
     rf = sub.add_parser("reference", help="build an Inception reference batch (.npz, ADM format) from real images")
@@ -165,11 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="model directory to write (use it as --model)")
     c.add_argument("--null-class", type=int, default=None, help="the unconditional class id (default: the last row of the class table)")
 
-    d = sub.add_parser("demo", help="FP32 vs naive, Q-Diffusion and PTQD W4A8 on the bundled model: table + report.md")
+    d = sub.add_parser("demo", help="FP32 vs naive, Q-Diffusion and PTQD at W4A8 and W4A4 on the bundled model: table + report.md")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--quick", action="store_true", help="a one-minute version (few images, few steps, short calibration)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--num", type=int, default=None, help="images per method (default 250; --quick 40)")
+    d.add_argument("--num", type=int, default=None, help="images per method (default 200; --quick 40)")
     d.add_argument("--no-progress", action="store_true")
     return p
 
@@ -193,26 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         _distributed(_sample, args)
     elif args.command == "evaluate":
-        from ptqd.io import write_json
-        from ptqd.metrics import evaluate, format_table
-
-        if args.evaluator == "inception":
-            metrics = _evaluate_inception(args)
-            columns = ["fid", "sfid", "is", "precision", "recall", "num_samples"]
-        else:
-            from ptqd.errors import PtqdError
-            from ptqd.sampling import load_samples
-
-            if args.inception is not None:
-                raise PtqdError("--inception needs --evaluator inception")
-            samples = load_samples(args.samples)
-            metrics = evaluate(samples.images, samples.labels, reference=args.reference or "digits16")
-            columns = None
-        metrics["samples"] = str(args.samples)
-        out = args.out or args.samples.parent / "metrics.json"
-        write_json(out, metrics)
-        print(format_table([{"name": args.samples.name, **metrics}], columns))
-        print(f"wrote {out}")
+        _evaluate(args)
     elif args.command == "reference":
         from ptqd.metrics.inception import load_inception
         from ptqd.metrics.standard import build_reference, read_images, save_reference
@@ -322,6 +311,39 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         samples.config.update(plan.record)
     path = save_samples(samples, args.out)
     print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from ptqd.errors import PtqdError
+    from ptqd.io import write_json
+    from ptqd.metrics import format_table
+    from ptqd.metrics.evaluate import PAIRED_COLUMNS
+    from ptqd.metrics.fidelity import evaluate_file, metrics_path
+
+    if args.evaluator == "inception" and args.against is None:
+        metrics = _evaluate_inception(args)
+        metrics.update(evaluator="inception", samples=str(args.samples))
+        columns = ["fid", "sfid", "is", "precision", "recall", "num_samples"]
+    else:
+        if args.evaluator == "digits" and args.inception is not None:
+            raise PtqdError("--inception needs --evaluator inception")
+        inception = None
+        if args.evaluator == "inception":
+            from ptqd.metrics.inception import load_inception
+
+            inception = load_inception(args.inception, args.device)
+        metrics = evaluate_file(
+            args.samples, args.against, args.floor, args.reference, args.evaluator, inception, args.batch_size,
+            not args.no_progress,
+        )
+        real = ["fid", "sfid"] if args.evaluator == "inception" else ["fd", "sfd", "accuracy"]
+        columns = [c for c in PAIRED_COLUMNS + real + ["is", "precision", "recall", "num_samples"] if c in metrics]
+    out = args.out or metrics_path(args.samples)
+    write_json(out, metrics)
+    print(format_table([{"name": args.samples.name, **metrics}], columns))
+    for note in metrics.get("notes", []):
+        print(f"note: {note}")
+    print(f"wrote {out}")
 
 
 def _evaluate_inception(args: argparse.Namespace) -> dict:

@@ -2,8 +2,10 @@
 
 Arguments are quantization run directories or samples ``.npz`` files (e.g. FP32 samples). Each run
 contributes one row per samples file found inside it (or one row without metrics when it has none).
-Metrics come from the ``metrics.json`` that ``ptqd evaluate`` wrote beside the samples; samples that
-were never evaluated are evaluated on the fly with the bundled classifier when the images fit it.
+Metrics come from the ``S.metrics.json`` that ``ptqd evaluate`` wrote beside each ``S.npz`` (paired
+fidelity to FP when it was evaluated ``--against`` FP samples); samples that were never evaluated are
+evaluated on the fly with the bundled classifier when the images fit it. Every row shows the sampler,
+seed and N it was made with; rows whose sampler differs from the first row's are marked ``≠``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import Any
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
 
-METRIC_KEYS = ("fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples")
+METRIC_KEYS = (
+    "psnr", "psnr_std", "ssim", "ssim_std", "mse", "mse_std", "fd_fp", "fd_fp_floor", "fd_fp_ratio",
+    "fd", "sfd", "fid", "sfid", "is", "precision", "recall", "accuracy", "num_samples", "evaluator",
+)
 
 
 def find_samples(run_dir: Path) -> list[Path]:
@@ -36,8 +41,11 @@ def find_samples(run_dir: Path) -> list[Path]:
 
 
 def _metrics_for(samples: Path) -> dict[str, Any] | None:
-    """The metrics ``ptqd evaluate`` (or the demo) wrote for ``samples``, if any."""
-    candidates = [samples.with_suffix(".metrics.json"), samples.parent / "metrics.json"]
+    """The metrics ``ptqd evaluate`` (or the demo) wrote for ``samples``, if any (``S.metrics.json``; a
+    folder's ``metrics.json`` from older versions when it names this file)."""
+    from ptqd.metrics.fidelity import metrics_path
+
+    candidates = [metrics_path(samples), samples.parent / "metrics.json"]
     candidates += sorted(samples.parent.glob("*metrics*.json"))
     for c in candidates:
         if not c.is_file():
@@ -47,7 +55,7 @@ def _metrics_for(samples: Path) -> dict[str, Any] | None:
         except json.JSONDecodeError:
             continue
         named = m.get("samples")
-        if c == samples.with_suffix(".metrics.json") or (named and Path(named).name == samples.name):
+        if c == metrics_path(samples) or (named and Path(named).name == samples.name):
             return m
     return None
 
@@ -58,17 +66,16 @@ def describe_samples(path: Path, evaluate_missing: bool = True) -> dict[str, Any
 
     s = load_samples(path)
     c = s.config
-    sampler = f"{str(c.get('scheduler', '?')).upper()} {c.get('steps', '?')} steps"
-    if c.get("scheduler") == "ddim":
-        sampler += f", eta {c.get('eta', '?')}"
-    if c.get("guidance") not in (None, 1.0):
-        sampler += f", guidance {c.get('guidance')}"
-    sampler += f", seed {c.get('seed', '?')}"
     parts = c.get("correction")
     d: dict[str, Any] = {
         "samples": str(path),
         "model": c.get("model", "?"),
-        "sampler": sampler,
+        "sampler": describe_sampler(c),
+        "scheduler": c.get("scheduler"),
+        "steps": c.get("steps"),
+        "eta": c.get("eta") if c.get("scheduler") == "ddim" else None,
+        "guidance": c.get("guidance"),
+        "seed": c.get("seed"),
         "correction": ",".join(parts) if parts else "none",
         "act_bits": c.get("bit_schedule") or c.get("act_bits") or "–",
         "gbops_image": c["sampling_bops"] / 1e9 if c.get("sampling_bops") else None,
@@ -84,6 +91,27 @@ def describe_samples(path: Path, evaluate_missing: bool = True) -> dict[str, Any
             d["metrics_note"] = str(e)
     d["metrics"] = m
     return d
+
+
+def describe_sampler(c: dict[str, Any]) -> str:
+    """``DDIM 50 steps, eta 1.0, guidance 3.0`` from a samples config (seed left out)."""
+    text = f"{str(c.get('scheduler', '?')).upper()} {c.get('steps', '?')} steps"
+    if c.get("scheduler") == "ddim":
+        text += f", eta {c.get('eta', '?')}"
+    if c.get("guidance") not in (None, 1.0):
+        text += f", guidance {c.get('guidance')}"
+    return text
+
+
+def mark_samplers(rows: list[dict[str, Any]]) -> None:
+    """Set ``sampler_differs`` on rows whose sampler (scheduler, steps, eta, guidance) is not the first
+    sampled row's: their numbers are not comparable with it."""
+    sampled = [r for r in rows if r.get("sampler")]
+    if not sampled:
+        return
+    first = sampled[0]["sampler"]
+    for r in sampled:
+        r["sampler_differs"] = r["sampler"] != first
 
 
 def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -110,6 +138,7 @@ def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
             rows.append({**base, "name": "(no samples)"})
         for f in files:
             rows.append({**base, "name": str(f.relative_to(p)), **_flatten(describe_samples(f))})
+    mark_samplers(rows)
     return rows
 
 
@@ -120,46 +149,66 @@ def _flatten(d: dict[str, Any]) -> dict[str, Any]:
 
 COLUMNS = [
     ("run", "run"), ("name", "samples"), ("method", "method"), ("bits", "bits"), ("correction", "correction"),
-    ("act_bits", "act bits"), ("fd", "FD"), ("sfd", "sFD"), ("is", "IS"), ("precision", "prec."),
-    ("recall", "recall"), ("accuracy", "acc."), ("num_samples", "N"), ("gbops_image", "GBOPs / image"),
+    ("act_bits", "act bits"), ("sampler", "sampler"), ("seed", "seed"), ("num", "N"), ("psnr", "PSNR to FP dB"),
+    ("ssim", "SSIM to FP"), ("fd_fp", "FD→FP"), ("fd_fp_ratio", "FD→FP / floor"), ("fd", "FD"), ("sfd", "sFD"),
+    ("is", "IS"), ("precision", "prec."), ("recall", "recall"), ("accuracy", "acc."), ("gbops_image", "GBOPs / image"),
     ("size_mb", "size MB"), ("calib_s", "calib s"),
 ]
 
 
 def format_compare(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The markdown table; ``*`` marks numbers resting on too few samples, ``≠`` a sampler that differs
+    from the first row's (both explained below the table)."""
+    from ptqd.metrics.caveats import caveats, footnotes
+
+    keys = [k for k, _ in COLUMNS]
+    shown = [(k, h) for k, h in COLUMNS if k in ("run", "name") or any(r.get(k) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in shown) + " |", "|" + "---|" * len(shown)]
     for r in rows:
+        flagged = caveats(r, keys)
         cells = []
-        for k, _ in COLUMNS:
+        for k, _ in shown:
             v = r.get(k)
             if v is None:
                 cells.append("–")
             elif isinstance(v, float):
-                cells.append(f"{v:.3f}" if k in ("precision", "recall", "accuracy") else f"{v:.2f}")
+                cells.append(f"{v:.3f}" if k in ("precision", "recall", "accuracy", "ssim") else f"{v:.2f}")
             else:
                 cells.append(str(v))
+            if k in flagged:
+                cells[-1] += "*"
+            if k == "sampler" and r.get("sampler_differs"):
+                cells[-1] += " ≠"
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = footnotes(rows, keys)
+    if any(r.get("sampler_differs") for r in rows):
+        first = next(r["sampler"] for r in rows if r.get("sampler"))
+        notes.append(f"≠ sampled differently from the first row ({first}): not comparable with it")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def plot_compare(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """FD against BOPs per image, one point per evaluated row: the quality/cost trade-off at a glance."""
-    pts = [r for r in rows if r.get("fd") is not None and r.get("gbops_image")]
-    if not pts:
+    """The quality/cost trade-off at a glance, one point per evaluated row: PSNR to FP against BOPs per
+    image (when rows were evaluated against FP samples) beside FD to real data against BOPs."""
+    panels = [(k, label) for k, label in (("psnr", "PSNR to FP, dB (higher: closer to FP)"), ("fd", "FD to real data (lower is better)"))
+              if any(r.get(k) is not None and r.get("gbops_image") for r in rows)]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(pts):
-        ax.scatter(r["gbops_image"], r["fd"], color=f"C{i % 10}")
-        ax.annotate(f"{r['run']}/{r['name']}", (r["gbops_image"], r["fd"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("GBOPs per image (whole sampling run)")
-    ax.set_ylabel("FD (lower is better)")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        pts = [r for r in rows if r.get(key) is not None and r.get("gbops_image")]
+        for i, r in enumerate(pts):
+            ax.scatter(r["gbops_image"], r[key], color=f"C{i % 10}")
+            ax.annotate(f"{r['run']}/{r['name']}", (r["gbops_image"], r[key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("GBOPs per image (whole sampling run)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -173,7 +222,7 @@ def write_compare(rows: list[dict[str, Any]], out: Path) -> Path:
     png = plot_compare(rows, out.with_suffix(".png"))
     text = "# ptqd compare\n\n" + format_compare(rows) + "\n"
     if png is not None:
-        text += f"\n![FD vs BOPs]({png.name})\n"
+        text += f"\n![quality vs BOPs]({png.name})\n"
     with atomic_path(md) as tmp:
         tmp.write_text(text)
     write_json(out.with_suffix(".json"), rows)

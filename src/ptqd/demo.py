@@ -1,7 +1,10 @@
-"""``ptqd demo``: FP32 vs naive, Q-Diffusion and PTQD W4A8 on the bundled digits16-cond model, end to end.
+"""``ptqd demo``: FP32 vs naive, Q-Diffusion and PTQD at W4A8 and W4A4 (and PTQD mixed A4/A8) on the
+bundled digits16-cond model, end to end.
 
 Calibrates, quantizes, collects PTQD noise statistics, samples every method with the same seeds,
-evaluates, and writes ``DIR/report.md`` with one table, side-by-side sample grids and the PTQD plots.
+evaluates each against the FP samples of the same seeds (paired PSNR/SSIM, FD→FP against the FP→FP
+floor of a second FP seed) and against real digits, and writes ``DIR/report.md`` with one table,
+side-by-side sample grids with per-method error maps (|method − FP|) and the PTQD plots.
 Everything lands under ``DIR`` (runs/, samples/, report.md, demo.json); rerunning the same command
 reuses finished runs and samples, so an interrupted demo resumes.
 """
@@ -23,6 +26,7 @@ from ptqd.errors import PtqdError
 from ptqd.images import save_comparison
 from ptqd.io import atomic_path, write_json
 from ptqd.metrics import evaluate
+from ptqd.metrics.fidelity import fidelity, metrics_path
 from ptqd.models import load
 from ptqd.sampling import SamplerConfig, Samples, load_samples, sample, save_samples
 
@@ -34,7 +38,7 @@ WEIGHT_BITS, ACT_BITS, LOW_ACT_BITS = 4, 8, 4
 class DemoSettings:
     """Sizes of the demo. ``full`` takes a few minutes on 2 CPU cores, ``quick`` well under one."""
 
-    num: int = 250  # images per method
+    num: int = 200  # images per method
     steps: int = 50
     eta: float = 1.0
     guidance: float = 3.0
@@ -52,11 +56,14 @@ class DemoSettings:
         )
 
 
-COLUMNS = ["bits", "fd", "sfd", "is", "precision", "recall", "accuracy", "mse_fp", "gbops", "size_mb", "prep_s", "sample_s"]
+COLUMNS = [
+    "bits", "psnr", "fd_fp_ratio", "fd_fp", "fd", "sfd", "precision", "recall", "accuracy", "mse", "gbops", "size_mb",
+    "prep_s", "sample_s",
+]
 HEADERS = {
-    "bits": "bits", "fd": "FD", "sfd": "sFD", "is": "IS", "precision": "prec.", "recall": "recall",
-    "accuracy": "acc.", "mse_fp": "MSE to FP ×1e3", "gbops": "GBOPs / image", "size_mb": "size MB",
-    "prep_s": "calib + stats s", "sample_s": "sampling s",
+    "bits": "bits", "psnr": "PSNR to FP dB", "fd_fp_ratio": "FD→FP / floor", "fd_fp": "FD→FP", "fd": "FD", "sfd": "sFD",
+    "precision": "prec.", "recall": "recall", "accuracy": "acc.", "mse": "MSE to FP ×1e3", "gbops": "GBOPs / image",
+    "size_mb": "size MB", "prep_s": "calib + stats s", "sample_s": "sampling s",
 }
 
 
@@ -79,6 +86,7 @@ def run_demo(
     t_start = time.perf_counter()
     model = load(MODEL)
     sampler = SamplerConfig("ddim", settings.steps, settings.eta, settings.guidance, seed, settings.batch_size)
+    floor_sampler = dataclasses.replace(sampler, seed=seed + 1)
     calib_sampler = dataclasses.replace(sampler, seed=0)
     config = {
         "ptqd": __version__,
@@ -87,10 +95,11 @@ def run_demo(
         "model": MODEL,
         "quick": quick,
         "seed": seed,
+        "floor_seed": seed + 1,
         "sampler": asdict(sampler),
         "settings": {**asdict(settings), "options": asdict(settings.options)},
         "weight_bits": WEIGHT_BITS,
-        "act_bits": ACT_BITS,
+        "act_bits": [LOW_ACT_BITS, ACT_BITS],
         "mixed_precision": [LOW_ACT_BITS, ACT_BITS],
     }
     write_json(out / "config.json", config)
@@ -99,65 +108,77 @@ def run_demo(
     rows: list[dict[str, Any]] = []
     images: dict[str, np.ndarray] = {}
 
-    def sampled(key: str, name: str, bits: str, model_, plan=None, extra: dict | None = None) -> dict[str, Any]:
+    def generate(key: str, name: str, bits: str, model_, plan=None, sampler_: SamplerConfig = sampler) -> tuple[Samples, float]:
+        """The samples of one method: made now, or reused from an interrupted demo."""
         path = out / "samples" / f"{key}.npz"
-        s, seconds = _cached(path, sampler, settings.num)
+        s, seconds = _cached(path, sampler_, settings.num, name, bits)
         if s is None:
-            say(f"[demo] sampling {settings.num} images: {name}")
+            say(f"[demo] sampling {settings.num} images: {name} {bits}" + (f" (seed {sampler_.seed})" if sampler_ is not sampler else ""))
             t0 = time.perf_counter()
             s = sample(
-                model_, settings.num, sampler, progress=progress,
+                model_, settings.num, sampler_, progress=progress,
                 denoise=plan.denoise if plan else None, corrector=plan.corrector if plan else None,
             )
             seconds = time.perf_counter() - t0
             if plan is not None:
                 s.config.update(plan.record)
-            s.config["demo"] = {"method": name, "sampling_seconds": round(seconds, 2)}
+            s.config["demo"] = {"method": name, "bits": bits, "sampling_seconds": round(seconds, 2)}
             save_samples(s, path)
-        images[name] = s.images
-        metrics = evaluate(s.images, s.labels)
-        write_json(path.with_suffix(".metrics.json"), {**metrics, "samples": str(path)})
+        return s, seconds
+
+    fp_path, floor_path = out / "samples" / "fp32.npz", out / "samples" / "fp32_floor.npz"
+
+    def sampled(key: str, name: str, bits: str, model_, plan=None, extra: dict | None = None) -> dict[str, Any]:
+        s, seconds = generate(key, name, bits, model_, plan)
+        images[name if name == "FP32" else f"{name} {bits}"] = s.images
+        metrics = {**evaluate(s.images, s.labels), **fidelity(s, fp, floor)}
+        write_json(metrics_path(out / "samples" / f"{key}.npz"), {
+            **metrics, "samples": str(out / "samples" / f"{key}.npz"), "against": str(fp_path), "floor": str(floor_path),
+        })
         row = {"name": name, "bits": bits, **metrics, "sample_s": round(seconds, 1), **(extra or {})}
-        if "FP32" in images:
-            diff = s.images.astype(np.float64) / 255 - images["FP32"].astype(np.float64) / 255
-            row["mse_fp"] = 1000 * float((diff**2).mean())
         rows.append(row)
         return row
 
-    # FP32
+    # FP32, and FP32 with the next seed: the floor that FD→FP is read against
     fp_size = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / 1e6
+    fp, _ = generate("fp32", "FP32", "W32A32", model)
+    floor, _ = generate("fp32_floor", "FP32", "W32A32", model, sampler_=floor_sampler)
     sampled("fp32", "FP32", "W32A32", model, extra={"gbops": fp_sampling_bops(model, sampler) / 1e9, "size_mb": fp_size})
 
     common = dict(calib_samples=settings.calib_samples, calib_steps=settings.calib_steps, sampler=calib_sampler, progress=progress)
-    qc = QuantConfig(weight_bits=WEIGHT_BITS, act_bits=ACT_BITS)
+    qc = QuantConfig(weight_bits=WEIGHT_BITS, act_bits=ACT_BITS, extra_act_bits=[LOW_ACT_BITS])
 
-    # naive min-max quantization
-    say("[demo] quantizing W4A8 with naive min-max ranges")
+    # naive min-max quantization, calibrated for 8- and 4-bit activations
+    say(f"[demo] quantizing W{WEIGHT_BITS} (A{ACT_BITS} and A{LOW_ACT_BITS}) with naive min-max ranges")
     t0 = time.perf_counter()
-    naive = quantize(model, qc, "naive", settings.options, out=out / "runs" / "naive_w4a8", **common)
+    naive = quantize(model, qc, "naive", settings.options, out=out / "runs" / "naive_w4", **common)
     naive_prep = _seconds(naive, time.perf_counter() - t0)
-    plan = plan_sampling(naive, sampler, "none", ACT_BITS)
-    sampled("naive_w4a8", "naive", "W4A8", plan.model, plan, _quant_extra(naive, plan, naive_prep))
 
-    # Q-Diffusion calibration + PTQD statistics at A4 and A8 (one run serves the last three rows)
-    say("[demo] quantizing W4A8 with Q-Diffusion calibration and PTQD noise statistics (A4 and A8)")
+    # Q-Diffusion calibration + PTQD statistics at A4 and A8 (one run serves every other row)
+    say(f"[demo] quantizing W{WEIGHT_BITS} with Q-Diffusion calibration and PTQD noise statistics (A{LOW_ACT_BITS} and A{ACT_BITS})")
     t0 = time.perf_counter()
-    _share_calibration_data(out / "runs" / "naive_w4a8", out / "runs" / "ptqd_w4a8")
+    _share_calibration_data(out / "runs" / "naive_w4", out / "runs" / "ptqd_w4")
     run = quantize(
-        model, qc, "ptqd", settings.options, out=out / "runs" / "ptqd_w4a8",
+        model, qc, "ptqd", settings.options, out=out / "runs" / "ptqd_w4",
         noise_samples=settings.noise_samples, mixed_precision=[LOW_ACT_BITS, ACT_BITS], **common,
     )
     wall = time.perf_counter() - t0
     secs = run.summary.get("seconds", {})
     stats_s = secs.get("noise_statistics", 0.0)
     calib_s = _seconds(run, wall) - stats_s
-    plan = plan_sampling(run, sampler, "none", ACT_BITS)
-    sampled("qdiff_w4a8", "Q-Diffusion", "W4A8", plan.model, plan, _quant_extra(run, plan, calib_s))
-    plan = plan_sampling(run, sampler, "all", ACT_BITS)
-    sampled("ptqd_w4a8", "PTQD", "W4A8", plan.model, plan, _quant_extra(run, plan, calib_s + stats_s))
+
+    for bits in (ACT_BITS, LOW_ACT_BITS):
+        tag = f"W{WEIGHT_BITS}A{bits}"
+        plan = plan_sampling(naive, sampler, "none", bits)
+        sampled(f"naive_{tag.lower()}", "naive", tag, plan.model, plan, _quant_extra(naive, plan, naive_prep))
+        plan = plan_sampling(run, sampler, "none", bits)
+        sampled(f"qdiff_{tag.lower()}", "Q-Diffusion", tag, plan.model, plan, _quant_extra(run, plan, calib_s))
+        plan = plan_sampling(run, sampler, "all", bits)
+        sampled(f"ptqd_{tag.lower()}", "PTQD", tag, plan.model, plan, _quant_extra(run, plan, calib_s + stats_s))
     plan = plan_sampling(run, sampler, "all", "mixed")
-    row = sampled("ptqd_mixed", "PTQD mixed", f"W4A{LOW_ACT_BITS}/{ACT_BITS}", plan.model, plan, _quant_extra(run, plan, calib_s + stats_s))
-    row["bit_schedule"] = plan.record.get("bit_schedule")
+    sampled("ptqd_mixed", "PTQD mixed", f"W{WEIGHT_BITS}A{LOW_ACT_BITS}/{ACT_BITS}", plan.model, plan, _quant_extra(run, plan, calib_s + stats_s))
+    rows[-1]["bit_schedule"] = plan.record.get("bit_schedule")
+    row = rows[-1]
 
     # real integer execution of the exported W4A8 checkpoint next to fp32 (A8 throughout)
     say("[demo] exporting the PTQD W4A8 run and timing integer sampling against fp32")
@@ -167,7 +188,7 @@ def run_demo(
     say("[demo] writing report")
     run_report = write_report(run.path, out / "ptqd_run_report")
     grid = save_comparison(
-        images, out / "comparison.png", labels=_labels(out), per_class=2,
+        images, out / "comparison.png", labels=fp.labels, per_class=1, errors_against="FP32",
         title=f"{MODEL}: same seeds, DDIM {settings.steps} steps, eta {settings.eta:g}, guidance {settings.guidance:g}",
     )
     total = time.perf_counter() - t_start
@@ -218,8 +239,9 @@ def _real_speed(run, model, out: Path, settings: DemoSettings) -> dict[str, Any]
             "checkpoint": str(ckpt), "checkpoint_mb": size, "settings": s, "line": line}
 
 
-def _cached(path: Path, sampler: SamplerConfig, num: int) -> tuple[Samples | None, float]:
-    """Reuse samples of an earlier, interrupted demo when they were made with the same sampler and size."""
+def _cached(path: Path, sampler: SamplerConfig, num: int, name: str, bits: str) -> tuple[Samples | None, float]:
+    """Reuse samples of an earlier, interrupted demo when they were made by the same method with the same
+    sampler and size."""
     if not path.is_file():
         return None, 0.0
     try:
@@ -228,14 +250,10 @@ def _cached(path: Path, sampler: SamplerConfig, num: int) -> tuple[Samples | Non
         return None, 0.0
     cfg = s.config
     same = len(s.images) == num and all(cfg.get(k) == v for k, v in asdict(sampler).items() if k != "batch_size")
+    same = same and cfg.get("demo", {}).get("method") == name and cfg.get("demo", {}).get("bits") == bits
     if not same:
         return None, 0.0
     return s, float(cfg.get("demo", {}).get("sampling_seconds", 0.0))
-
-
-def _labels(out: Path) -> np.ndarray | None:
-    s = load_samples(out / "samples" / "fp32.npz")
-    return s.labels
 
 
 def _seconds(run, wall: float) -> float:
@@ -255,13 +273,24 @@ def _quant_extra(run, plan, prep_s: float) -> dict[str, Any]:
 
 
 def format_demo_table(rows: list[dict[str, Any]]) -> str:
+    """The demo's markdown table: fidelity to FP first, then distances to real digits, then cost. ``*``
+    marks numbers resting on too few images (explained below the table)."""
+    from ptqd.metrics.caveats import caveats, footnotes
+
     lines = ["| method | " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rows:
+        flagged = caveats(r, COLUMNS)
         cells = []
         for c in COLUMNS:
             v = r.get(c)
             if v is None:
                 cells.append("–")
+            elif c == "psnr" and r.get("identical") == r.get("num_pairs"):
+                cells.append("= FP")
+            elif c == "psnr":
+                cells.append(f"{v:.2f} ± {r.get('psnr_std', 0.0):.2f}")
+            elif c == "mse":
+                cells.append(f"{1000 * v:.2f}")
             elif c in ("precision", "recall", "accuracy"):
                 cells.append(f"{v:.3f}")
             elif c in ("gbops", "prep_s", "sample_s"):
@@ -270,16 +299,20 @@ def format_demo_table(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{v:.2f}")
             else:
                 cells.append(str(v))
+            if c in flagged:
+                cells[-1] += "*"
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = footnotes(rows, COLUMNS)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _write_report(out, settings, table, rows, grid, run_report: Path, total: float, config: dict, speed: dict) -> None:
     rel = run_report.parent.relative_to(out)
     pngs = sorted(run_report.parent.glob("*.png"))
     mixed = next((r.get("bit_schedule") for r in rows if r.get("bit_schedule")), None)
+    floor = next((r.get("fd_fp_floor") for r in rows if r.get("fd_fp_floor") is not None), None)
     lines = [
-        f"# ptqd demo: {MODEL}, W{WEIGHT_BITS}A{ACT_BITS}",
+        f"# ptqd demo: {MODEL}, W{WEIGHT_BITS}A{ACT_BITS} and W{WEIGHT_BITS}A{LOW_ACT_BITS}",
         "",
         f"{settings.num} images per method, DDIM {settings.steps} steps, eta {settings.eta:g}, guidance "
         f"{settings.guidance:g}, seed {config['seed']} (every method gets the same initial noise, labels and step "
@@ -289,21 +322,31 @@ def _write_report(out, settings, table, rows, grid, run_report: Path, total: flo
         "",
         table,
         "",
-        "Metrics on the bundled digit classifier (FD/sFD: Fréchet distances of its features to the held-out",
-        "digits; accuracy: samples classified as the label asked for). MSE to FP: mean squared pixel difference",
-        "to the FP32 images of the same seed. GBOPs per image over the whole sampling run (all steps, both",
-        "guidance branches). Size: weights as stored by the method (4-bit weights packed).",
+        "Read the first columns first: they say how close each method stays to its own FP model. PSNR to FP:",
+        "per-image PSNR (mean ± std over images) against the FP32 image of the same seed, label and noise.",
+        f"FD→FP: Fréchet distance of the bundled digit classifier's features to the FP32 sample set; the floor is",
+        f"the same distance between FP32 sets of seeds {config['seed']} and {config['floor_seed']}"
+        + (f" ({floor:.2f} here)" if floor is not None else "")
+        + ", so FD→FP / floor near 1 means",
+        "indistinguishable from FP at this sample count (below 1: closer to the FP set than a second FP seed is, as",
+        "paired samples can be; above 1: a shift a second FP run would not show). FD/sFD, precision, recall: against the held-out real",
+        "digits; on this model quantization noise adds diversity that these reward, so a method can beat FP",
+        "there while departing from it. MSE to FP: mean squared pixel difference (pixels in [0, 1]). GBOPs per",
+        "image over the whole sampling run (all steps, both guidance branches). Size: weights as stored by the",
+        "method (4-bit weights packed).",
         "",
         f"PTQD mixed precision, activation bits per step: {mixed}",
         "",
         f"Real integer execution (`ptqd export` + integer kernels, `model.ptqd/`): {speed['line']}.",
         "Sampling seconds in the table are simulated (fake) quantization, which is slower than fp32.",
         "",
-        "## Samples (same seeds)",
+        "## Samples (same seeds) and where each method departs from FP",
+        "",
+        "One sample per class (rows); each method's column is followed by its error map |method − FP32|.",
         "",
         f"![comparison]({grid.name})",
         "",
-        "## PTQD noise statistics of the W4A8 run",
+        "## PTQD noise statistics of the W4 run",
         "",
         f"Full run report: [{rel}/report.md]({rel}/report.md).",
         "",

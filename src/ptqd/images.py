@@ -70,18 +70,27 @@ def _show(ax, img: np.ndarray) -> None:
         ax.imshow(img, interpolation="nearest")
 
 
+def error_maps(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|images − reference| per pixel, largest over channels, in [0, 1] (N, H, W)."""
+    d = np.abs(images.astype(np.float64) - reference.astype(np.float64)) / 255.0
+    return d.max(axis=-1)
+
+
 def save_comparison(
     panels: dict[str, np.ndarray],
     path: str | Path,
     labels: np.ndarray | None = None,
     per_class: int = 2,
     title: str | None = None,
+    errors_against: str | None = None,
 ) -> Path:
     """Side-by-side grids, one panel per method, of the same sample indices.
 
     Samples with the same index share their seed (initial noise, label and step noise), so the panels
     show what each method changed. With ``labels``, ``per_class`` samples of each class are shown
-    (rows = classes); otherwise the first 20 samples.
+    (rows = classes); otherwise the first 20 samples. With ``errors_against`` (the name of the
+    reference panel, e.g. FP), every other panel is followed by its error map |panel − reference|,
+    all on one colour scale (stated in the title).
     """
     import matplotlib
 
@@ -99,12 +108,28 @@ def save_comparison(
         n = min(len(first), 20)
         idx = [[i + j for j in range(per_class) if i + j < n] for i in range(0, n, per_class)]
         idx = [row + [None] * (per_class - len(row)) for row in idx]
+    shown: list[tuple[str, np.ndarray, bool]] = []  # name, images or error maps, is an error map
+    vmax = None
+    if errors_against is not None:
+        if errors_against not in panels:
+            raise ValueError(f"errors_against={errors_against!r} is not one of the panels {list(panels)}")
+        ref = panels[errors_against]
+        picked = [i for row in idx for i in row if i is not None]
+        errs = {k: error_maps(v, ref) for k, v in panels.items() if k != errors_against}
+        vals = np.concatenate([e[picked].ravel() for e in errs.values()]) if errs else np.zeros(1)
+        vmax = max(float(np.percentile(vals, 99.5)), 1 / 255)
+        for k, v in panels.items():
+            shown.append((k, v, False))
+            if k in errs:
+                shown.append(("|Δ|", errs[k], True))
+    else:
+        shown = [(k, v, False) for k, v in panels.items()]
     nrows, ncols = len(idx), per_class
     fig, axes = plt.subplots(
-        nrows, ncols * len(panels), figsize=(ncols * len(panels) * 0.8 + 0.3 * len(panels), nrows * 0.8 + 0.6),
+        nrows, ncols * len(shown), figsize=(ncols * len(shown) * 0.8 + 0.3 * len(shown), nrows * 0.8 + 0.9),
         squeeze=False,
     )
-    for p, (name, images) in enumerate(panels.items()):
+    for p, (name, images, is_err) in enumerate(shown):
         for r, row in enumerate(idx):
             for c, i in enumerate(row):
                 ax = axes[r, p * ncols + c]
@@ -114,11 +139,17 @@ def save_comparison(
                     s.set_visible(False)
                 if i is None or i >= len(images):
                     continue
-                _show(ax, images[i])
+                if is_err:
+                    ax.imshow(images[i], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+                else:
+                    _show(ax, images[i])
                 if r == 0 and c == 0:
-                    ax.set_title(name, fontsize=8, loc="left", pad=3)
+                    ax.set_title(name, fontsize=7, loc="left", pad=3, rotation=0 if is_err else 20)
+    if vmax is not None:
+        note = f"error maps |method − {errors_against}|: black 0, white ≥ {vmax:.2f} (pixels in [0, 1])"
+        title = f"{title}\n{note}" if title else note
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
     path = Path(path)
     with atomic_path(path) as tmp:

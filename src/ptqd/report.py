@@ -172,12 +172,20 @@ def _samples_section(run_dir: Path, out: Path) -> list[str]:
         s = load_samples(f)
         rel = f.relative_to(run_dir)
         png = save_grid(s.images, out / f"samples_{'_'.join(rel.with_suffix('').parts)}.png", labels=s.labels, title=str(rel))
-        lines += [f"### `{rel}`", "", f"{d['sampler']}; correction {d['correction']}; activation bits {d['act_bits']}", ""]
+        lines += [
+            f"### `{rel}`", "",
+            f"{d['sampler']}, seed {d['seed']}, {d['num']} images; correction {d['correction']}; activation bits {d['act_bits']}", "",
+        ]
         m = d.get("metrics")
         if m:
-            keys = [k for k in ("fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples") if m.get(k) is not None]
-            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(f"{m[k]:.3f}" if isinstance(m[k], float) else str(m[k]) for k in keys) + " |", ""]
+            from ptqd.metrics import format_table
+            from ptqd.metrics.evaluate import PAIRED_COLUMNS
+
+            order = [*PAIRED_COLUMNS, "fd", "sfd", "fid", "sfid", "is", "precision", "recall", "accuracy", "num_samples"]
+            keys = [k for k in order if m.get(k) is not None]
+            lines += [format_table([{"name": rel.name, **m}], keys), ""]
+            if m.get("against"):
+                lines += [f"paired metrics against `{m['against']}`" + (f", floor `{m['floor']}`" if m.get("floor") else ""), ""]
         else:
             lines += [f"not evaluated: {d.get('metrics_note', f'run `ptqd evaluate {f}`')}", ""]
         lines += [f"![{png.stem}]({png.name})", ""]

@@ -62,15 +62,45 @@ def evaluate(
     }
 
 
+LABELS = {  # header and display scale of the columns tables show
+    "psnr": ("PSNR to FP dB", 1), "ssim": ("SSIM to FP", 1), "mse": ("MSE to FP ×1e3", 1000),
+    "fd_fp": ("FD→FP", 1), "fd_fp_floor": ("floor", 1), "fd_fp_ratio": ("FD→FP / floor", 1),
+}
+PAIRED_COLUMNS = ["psnr", "ssim", "mse", "fd_fp", "fd_fp_floor", "fd_fp_ratio"]
+
+
+def format_value(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    """One cell: the value (scaled as in ``LABELS``), ``± std`` where the row has ``KEY_std`` for a
+    paired metric, ``–`` when missing."""
+    v = row.get(key)
+    if v is None:
+        return "–"
+    if key == "psnr" and row.get("identical") is not None and row.get("identical") == row.get("num_pairs"):
+        return "= FP (identical)"
+    if not isinstance(v, float):
+        return str(v)
+    scale = LABELS.get(key, (key, 1))[1]
+    text = f"{v * scale:.{digits}f}"
+    sd = row.get(f"{key}_std")
+    if key in PAIRED_COLUMNS and isinstance(sd, float):
+        text += f" ± {sd * scale:.{digits}f}"
+    return text
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A markdown table of metric dicts; the first column is each row's ``name``."""
+    """A markdown table of metric dicts; the first column is each row's ``name``. Numbers that rest on
+    too few samples for what they measure are marked ``*`` and explained below the table
+    (:mod:`ptqd.metrics.caveats`)."""
+    from ptqd.metrics.caveats import caveats, footnotes
+
     columns = columns or ["fd", "sfd", "is", "precision", "recall", "accuracy", "num_samples"]
-    header = ["", *columns]
+    header = ["", *(LABELS.get(c, (c, 1))[0] for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        flagged = caveats(row, columns)
         cells = [str(row.get("name", ""))]
         for c in columns:
-            v = row.get(c)
-            cells.append("–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+            cells.append(format_value(row, c) + ("*" if c in flagged else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = footnotes(rows, columns)
+    return "\n".join(lines + ([""] + notes if notes else []))
