@@ -82,7 +82,12 @@ def sample_to_file(
         s = sample(model, stop - start, config, labels=labels, progress=False, denoise=denoise, corrector=corrector, first=start)
         return {"images": s.images} if s.labels is None else {"images": s.images, "labels": s.labels}
 
-    distributed.run_chunks(ranges, compute, ctx, store=store, collect=False, progress=progress, desc=f"sampling {model.name}")
+    try:
+        distributed.run_chunks(ranges, compute, ctx, store=store, collect=False, progress=progress, desc=f"sampling {model.name}")
+    except PtqdError:
+        if ctx.main:
+            store.remove_if_empty()  # nothing to resume from: leave no empty OUT.shards/ behind
+        raise
     if not ctx.main:
         return None
     images = label_arr = None

@@ -250,10 +250,15 @@ def collect_moments(
     if partial is not None:
         store = ChunkStore(partial, {**(meta or {}), "bits": list(bits), "seed": seed, "batch_size": sampler.batch_size})
     ranges = distributed.chunk_ranges(num_samples, sampler.batch_size)
-    results = distributed.run_chunks(
-        ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
-        restart_on_mismatch=True,
-    )
+    try:
+        results = distributed.run_chunks(
+            ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
+            restart_on_mismatch=True,
+        )
+    except PtqdError:
+        if store is not None and ctx.main:
+            store.remove_if_empty()  # nothing to resume from: leave no empty directory behind
+        raise
     m = {name: np.concatenate([results[r][name] for r in ranges], axis=2) for name in results[ranges[0]]}
     return NoiseMoments(list(bits), timesteps, int(np.prod(shape)), shape[0], m)
 
