@@ -93,3 +93,8 @@ class ChunkStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def remove_if_empty(self) -> None:
+        """Remove the directory when it holds no finished chunk (a run that failed before its first)."""
+        if self.root.is_dir() and not any(self.root.glob("chunk_*.npz")):
+            self.remove()

@@ -9,13 +9,28 @@ from pathlib import Path
 
 def _labels(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"labels must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"needs at least one integer, got {text!r}")
+    return values
+
+
+OVERWRITE_HELP = "write over an existing output that ptqd did not write (by default it is refused)"
+
+# what an interrupted command leaves behind (printed on Ctrl-C)
+KEPT = {
+    "quantize": "the calibration data and finished results in the run directory are kept; rerunning the same command resumes",
+    "stats": "the finished batches (RUN/noise_stats_*.parts/) are kept; rerunning the same command resumes",
+    "sample": "finished chunks (OUT.shards/, runs larger than --chunk-size) are kept and rerunning the same command "
+              "resumes; a run of one chunk is redone",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptqd", description="Post-training quantization of diffusion models (PTQD).")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of unexpected errors (and of Ctrl-C)")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the bundled models")
@@ -61,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs larger than this (or under torchrun) are made in chunks of this many images in OUT.shards/, resumable",
     )
     s.add_argument("--keep-chunks", action="store_true", help="keep OUT.shards/ after merging")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("quantize", help="quantize a model and calibrate it; writes a run directory")
@@ -105,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
     q.add_argument("--device", default="cpu", help="torch device to calibrate on (cpu, cuda, …); the run directory loads anywhere")
     q.add_argument("--out", type=Path, required=True, help="run directory")
+    q.add_argument("--overwrite", action="store_true", help="write into an existing directory that is not a ptqd run")
     q.add_argument("--no-progress", action="store_true")
 
     st = sub.add_parser("stats", help="collect PTQD noise statistics of a run for a sampler setting")
@@ -125,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a quantization run as a packed integer checkpoint (no FP weights needed to load)")
     x.add_argument("run", type=Path, help="quantization run directory")
     x.add_argument("--out", type=Path, required=True, help="checkpoint directory, e.g. model.ptqd")
+    x.add_argument("--overwrite", action="store_true", help="write into an existing directory that is not a ptqd checkpoint")
 
     r = sub.add_parser("report", help="plots and a markdown summary of a run's noise statistics")
     r.add_argument("run", type=Path)
@@ -156,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP samples of another seed: the noise floor of FD→FP (FD between the two FP sets), shown as FD→FP / floor",
     )
     e.add_argument("--out", type=Path, default=None, help="metrics JSON (default: S.metrics.json beside S.npz)")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     e.add_argument("--no-progress", action="store_true")
 
     rf = sub.add_parser("reference", help="build an Inception reference batch (.npz, ADM format) from real images")
@@ -179,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--num", type=int, default=None, help="images per method (default 200; --quick 40)")
     d.add_argument("--no-progress", action="store_true")
+    for command in sub.choices.values():  # --debug after the command name works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -191,9 +212,27 @@ def main(argv: list[str] | None = None) -> int:
     except PtqdError as e:
         print(f"ptqd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"ptqd: interrupted; {KEPT.get(args.command, 'rerun the same command to start again')}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        from ptqd import __version__
+
+        print(
+            f"ptqd: unexpected error in `ptqd {args.command}` (ptqd {__version__}): {type(e).__name__}: {e}\n"
+            "rerun the command with --debug for the traceback, and please report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ptqd.errors import PtqdError
+
     if args.command == "models":
         from ptqd.models import list_models
 
@@ -218,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from ptqd.runtime import export
 
-        export(args.run, args.out)
+        export(args.run, args.out, overwrite=args.overwrite)
     elif args.command == "report":
         from ptqd.report import write_report
 
@@ -238,7 +277,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out}; quantize it with `ptqd quantize --model {out} ...`")
     elif args.command == "demo":
         from ptqd.demo import DemoSettings, run_demo
-        from ptqd.errors import PtqdError
 
         settings = DemoSettings.quick() if args.quick else DemoSettings()
         if args.num is not None:
@@ -254,10 +292,13 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
     from ptqd.models import load
     from ptqd.models.adapters import read_prompts
     from ptqd.runs import load_run
-    from ptqd.sampling import SamplerConfig, sample, save_samples
+    from ptqd.sampling import SamplerConfig, check_samples_output, sample, save_samples
 
     if (args.run is None) == (args.model is None):
         raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
+    check_samples_output(args.out, args.overwrite)
+    if args.guidance is not None:
+        SamplerConfig(guidance=args.guidance).validate()
     guidance = args.guidance
     plan = None
     if args.run is not None:
@@ -301,7 +342,7 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         path = sample_to_file(
             model, args.num, config, args.out, labels=args.labels, progress=not args.no_progress, denoise=denoise,
             corrector=corrector, record=plan.record if plan else None, chunk_size=args.chunk_size,
-            keep_chunks=args.keep_chunks, ctx=ctx,
+            keep_chunks=args.keep_chunks, ctx=ctx, overwrite=args.overwrite,
         )
         if ctx.main:
             print(f"{args.num} images in {path} (config: {path.with_suffix('.json')})")
@@ -315,10 +356,15 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from ptqd.errors import PtqdError
-    from ptqd.io import write_json
+    from ptqd.io import METRICS, check_output, write_json
     from ptqd.metrics import format_table
     from ptqd.metrics.evaluate import PAIRED_COLUMNS
     from ptqd.metrics.fidelity import evaluate_file, metrics_path
+
+    out = args.out or metrics_path(args.samples)
+    if out.resolve() == args.samples.resolve():
+        raise PtqdError(f"--out {out} is the samples file itself; give a .json name for the metrics")
+    check_output(out, ".json", overwrite=args.overwrite, ours=METRICS, option="--out" if args.out else "metrics file")
 
     if args.evaluator == "inception" and args.against is None:
         metrics = _evaluate_inception(args)
@@ -338,7 +384,6 @@ def _evaluate(args: argparse.Namespace) -> None:
         )
         real = ["fid", "sfid"] if args.evaluator == "inception" else ["fd", "sfd", "accuracy"]
         columns = [c for c in PAIRED_COLUMNS + real + ["is", "precision", "recall", "num_samples"] if c in metrics]
-    out = args.out or metrics_path(args.samples)
     write_json(out, metrics)
     print(format_table([{"name": args.samples.name, **metrics}], columns))
     for note in metrics.get("notes", []):
@@ -382,8 +427,12 @@ def _quantize(args: argparse.Namespace) -> None:
     from ptqd.models.adapters import read_prompts
     from ptqd.quant import QuantConfig
     from ptqd.runs import quantize
+    from ptqd.io import RUN_DIR, check_output
     from ptqd.sampling import SamplerConfig
 
+    check_output(args.out, kind="dir", overwrite=args.overwrite, ours=RUN_DIR)
+    if args.guidance is not None:
+        SamplerConfig(guidance=args.guidance).validate()
     model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(args.device)
     config = QuantConfig(
         weight_bits=args.weight_bits,
@@ -415,7 +464,7 @@ def _quantize(args: argparse.Namespace) -> None:
     run = quantize(
         model, config, args.method, options, args.calib_samples, args.calib_steps, sampler, args.calib_seed,
         out=args.out, progress=not args.no_progress, noise_samples=args.noise_samples, noise_seed=args.noise_seed,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision, overwrite=args.overwrite,
     )
     s = run.summary
     row = {
@@ -440,6 +489,12 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
     from ptqd.runs import load_run
     from ptqd.sampling import SamplerConfig
 
+    from ptqd.io import RUN_DIR, check_output
+
+    if args.guidance is not None:
+        SamplerConfig(guidance=args.guidance).validate()
+    if (args.run / "config.json").is_file():
+        check_output(args.run, kind="dir", ours=RUN_DIR, option="run directory")
     run = load_run(args.run).to(device)
     cal = run.config["calibration"]
     ptqd_cfg = run.config.get("correction") or {}

@@ -34,7 +34,7 @@ from ptqd.calibration.data import (
 )
 from ptqd.calibration.methods import CalibrationOptions, calibrate
 from ptqd.errors import PtqdError
-from ptqd.io import atomic_path, write_json
+from ptqd.io import RUN_DIR, atomic_path, check_output, write_json
 from ptqd.metrics.bops import count_bops, model_size_bytes
 from ptqd.models.loading import DiffusionModel, load
 from ptqd.quant.wrap import QuantConfig, find_unsupported, load_quant_state, quant_layers, quant_state, set_act_bits, wrap_model
@@ -137,6 +137,7 @@ def quantize(
     noise_samples: int = 256,
     noise_seed: int | None = None,
     mixed_precision: list[int] | None = None,
+    overwrite: bool = False,
 ) -> QuantizedRun:
     """Quantize ``model`` and calibrate it with ``method``; write a run directory when ``out`` is given.
 
@@ -148,11 +149,23 @@ def quantize(
     the run directory; with
     ``mixed_precision`` (e.g. [4, 8]) the activations are calibrated and the statistics collected for
     each of those bit-widths, and sampling picks one per step.
+
+    Settings and ``out`` are checked before any work: ``out`` must be a new or empty directory, or
+    a run directory (``config.json`` with a ``ptqd`` key, or the calibration data of an interrupted
+    run); any other existing directory is written into only with ``overwrite``.
     """
     from ptqd.correction.stats import STATS_SEED
 
     if method not in METHODS:
         raise PtqdError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if calib_samples < 1:
+        raise PtqdError(f"--calib-samples must be at least 1, got {calib_samples}")
+    if calib_steps < 1:
+        raise PtqdError(f"--calib-steps must be at least 1 (sampler steps kept per calibration trajectory), got {calib_steps}")
+    if sampler is not None:
+        sampler.validate()
+    if out is not None:
+        check_output(out, kind="dir", overwrite=overwrite, ours=RUN_DIR)
     fp = model if isinstance(model, DiffusionModel) else load(model)
     config = config or QuantConfig()
     ptqd_cfg = None

@@ -8,6 +8,7 @@ the batch size, and any slice of a run can be regenerated on its own.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,9 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ptqd.checks import check_finite
 from ptqd.errors import PtqdError
 from ptqd.images import to_uint8
-from ptqd.io import write_json, write_npz
+from ptqd.io import SAMPLES, SAMPLES_CONFIG, check_output, write_json, write_npz
 from ptqd.models.loading import DiffusionModel
 
 SCHEDULERS = ("ddim", "ddpm")
@@ -41,6 +43,8 @@ class SamplerConfig:
             raise PtqdError(f"steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
             raise PtqdError(f"eta must lie in [0, 1], got {self.eta}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise PtqdError(f"guidance must be a finite number, 0 or more (1 = no guidance), got {self.guidance}")
         if self.batch_size < 1:
             raise PtqdError(f"batch size must be at least 1, got {self.batch_size}")
 
@@ -78,6 +82,8 @@ def default_labels(model: DiffusionModel, num: int, labels: list[int] | None = N
         if labels:
             raise PtqdError(f"model {model.name} is unconditional: it takes no class labels")
         return None
+    if labels is not None and len(labels) == 0:
+        raise PtqdError("the list of class labels is empty: give at least one label, or none for all classes cycled")
     if labels:
         bad = [c for c in labels if not 0 <= c < model.num_classes]
         if bad:
@@ -136,15 +142,19 @@ def sample(
         y = torch.from_numpy(label_arr[idx.start : idx.stop]).to(device) if label_arr is not None else None
         scheduler = make_scheduler(model, config.scheduler, config.steps)
         x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             eps = denoise(x, t, y, guidance)
+            check_finite(eps, f"sampling: the network output at step {i + 1}/{config.steps} (t={int(t)}, samples "
+                              f"{first + idx.start}..{first + idx.stop - 1})", model.unet)
             if corrector is not None:
                 x = corrector.step(scheduler, eps, t, x, gens, eta=config.eta if config.scheduler == "ddim" else 0.0)
             else:
                 kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
                 x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
             bar.update(1)
-        out.append(to_uint8(model.to_images(x).cpu()))  # latent models: the FP decoder makes the images
+        images = model.to_images(x)
+        check_finite(images, f"sampling: the final images (samples {first + idx.start}..{first + idx.stop - 1})", model.unet)
+        out.append(to_uint8(images.cpu()))  # latent models: the FP decoder makes the images
     bar.close()
     return Samples(np.concatenate(out), label_arr, sample_record(model, num, config, corrector))
 
@@ -161,10 +171,21 @@ def sample_record(model: DiffusionModel, num: int, config: SamplerConfig, correc
     return record
 
 
+def check_samples_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Check before sampling that ``path`` (.npz) and its config ``.json`` beside it can be written:
+    see :func:`ptqd.io.check_output`. Files ptqd wrote (a .npz with ``images`` and ``config``, a JSON
+    with ``model_fingerprint``) are replaced; other existing files only with ``overwrite``."""
+    path = check_output(path, ".npz", overwrite=overwrite, ours=SAMPLES)
+    check_output(path.with_suffix(".json"), ".json", overwrite=overwrite, ours=SAMPLES_CONFIG, option="config file")
+    return path
+
+
 def save_samples(samples: Samples, path: str | Path) -> Path:
     """Write ``images`` (+ ``labels``) to ``.npz`` atomically (byte-reproducible), and the config to a
     ``.json`` beside it."""
     path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise PtqdError(f"samples are written as .npz (with the config as .json beside it); {path} does not end in .npz")
     arrays = {"images": samples.images, "config": np.array(json.dumps(samples.config))}
     if samples.labels is not None:
         arrays["labels"] = samples.labels

@@ -16,7 +16,7 @@ import numpy as np
 
 from ptqd import distributed
 from ptqd.chunks import ChunkStore
-from ptqd.sampling import SamplerConfig, Samples, sample, sample_record, save_samples
+from ptqd.sampling import SamplerConfig, Samples, check_samples_output, sample, sample_record, save_samples
 
 DEFAULT_CHUNK = 1000
 
@@ -48,12 +48,14 @@ def sample_to_file(
     chunk_size: int = DEFAULT_CHUNK,
     keep_chunks: bool = False,
     ctx: distributed.Context | None = None,
+    overwrite: bool = False,
 ) -> Path | None:
     """Generate ``num`` samples into ``out`` (.npz + .json) chunk by chunk; resumable.
 
     ``record`` adds to what the samples file records (e.g. a quantized run's plan) and, like the
     sampler settings, must match for chunks on disk to be reused. Under torchrun every rank calls
-    this; rank 0 returns the path, the others None.
+    this; rank 0 returns the path, the others None. ``out`` is checked before any sampling
+    (:func:`ptqd.sampling.check_samples_output`; ``overwrite`` replaces files ptqd did not write).
     """
     from ptqd.errors import PtqdError
 
@@ -61,7 +63,7 @@ def sample_to_file(
     config.validate()
     if num < 1:
         raise PtqdError(f"number of samples must be at least 1, got {num}")
-    out = Path(out)
+    out = check_samples_output(out, overwrite)
     full = sample_record(model, num, config, corrector)
     full.update(record or {})
     full = json.loads(json.dumps(full, default=str))
@@ -80,7 +82,12 @@ def sample_to_file(
         s = sample(model, stop - start, config, labels=labels, progress=False, denoise=denoise, corrector=corrector, first=start)
         return {"images": s.images} if s.labels is None else {"images": s.images, "labels": s.labels}
 
-    distributed.run_chunks(ranges, compute, ctx, store=store, collect=False, progress=progress, desc=f"sampling {model.name}")
+    try:
+        distributed.run_chunks(ranges, compute, ctx, store=store, collect=False, progress=progress, desc=f"sampling {model.name}")
+    except PtqdError:
+        if ctx.main:
+            store.remove_if_empty()  # nothing to resume from: leave no empty OUT.shards/ behind
+        raise
     if not ctx.main:
         return None
     images = label_arr = None

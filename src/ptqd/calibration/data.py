@@ -78,7 +78,10 @@ def collect_calibration(
                 ys.append(y.clone())
         return model.denoise(x, t, y, guidance)
 
-    sample(model, num_samples, sampler, progress=progress, denoise=recording_denoise)
+    try:
+        sample(model, num_samples, sampler, progress=progress, denoise=recording_denoise)
+    except PtqdError as e:
+        raise PtqdError(f"collecting calibration data: {e}") from None
     meta = {
         "model": model.name,
         "model_fingerprint": model.fingerprint(),

@@ -14,6 +14,7 @@ from the FP network on the same calibration inputs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ptqd.calibration.data import CalibrationSet
+from ptqd.checks import check_finite, first_nonfinite
 from ptqd.errors import PtqdError
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.layers import QuantLayer
@@ -88,6 +90,12 @@ def observe_activations(model: DiffusionModel, net: nn.Module, inputs, batch: in
         for q in quantizers:
             q.observing = False
     for name, q in act_quantizers(net):
+        if q._lo is not None and not (bool(torch.isfinite(q._lo)) and bool(torch.isfinite(q._hi))):
+            weight = first_nonfinite(net)
+            raise PtqdError(
+                f"calibration: the activation range of {name} is not finite ({float(q._lo)} .. {float(q._hi)})"
+                + (f"; first non-finite weight: {weight}" if weight else "; every weight is finite, so the activations overflow")
+            )
         try:
             q.calibrate_from_observed(method)
         except PtqdError as e:
@@ -225,7 +233,10 @@ def reconstruct_weights(unit: nn.Module, args, kwargs, target, opts: Calibration
             opt.step()
     for q, _ in pairs:
         q.finish_adaround()
-    return float(rec.detach())
+    loss = float(rec.detach())
+    if not math.isfinite(loss):
+        raise PtqdError(f"the weight reconstruction loss is not finite ({loss}) after {opts.weight_iters} iterations")
+    return loss
 
 
 def reconstruct_acts(unit: nn.Module, args, kwargs, target, opts: CalibrationOptions, gen: torch.Generator, learn_fixed: bool) -> float:
@@ -265,7 +276,10 @@ def reconstruct_acts(unit: nn.Module, args, kwargs, target, opts: CalibrationOpt
     finally:
         for p in params:
             p.requires_grad_(False)
-    return float(rec.detach())
+    loss = float(rec.detach())
+    if not math.isfinite(loss):
+        raise PtqdError(f"the activation step-size loss is not finite ({loss}) after {opts.act_iters} iterations")
+    return loss
 
 
 def calibrate(
@@ -286,6 +300,7 @@ def calibrate(
     config = qnet.ptqd_config
     gen = torch.Generator().manual_seed(opts.seed)
     x, t, y = calib.network_inputs(model.null_class)
+    check_finite(x, f"calibration: the calibration inputs ({calib.meta.get('model', 'calibration data')})")
     all_inputs = (x, t, y)
     pick = torch.randperm(len(x), generator=gen)[: opts.recon_samples]
     recon_inputs = (x[pick], t[pick], y[pick] if y is not None else None)
@@ -293,9 +308,12 @@ def calibrate(
     primary = config.act_bits
 
     t0 = time.perf_counter()
-    for layer in [m for m in qnet.modules() if isinstance(m, QuantLayer)]:
+    for lname, layer in [(n, m) for n, m in qnet.named_modules() if isinstance(m, QuantLayer)]:
         for q, w in zip(layer.weight_quantizers, layer.weight_parts()):
+            check_finite(w, f"calibration: the weights of layer {lname}")
             q.calibrate(w.detach())
+            if not bool(torch.isfinite(q.scale).all()):
+                raise PtqdError(f"calibration: the weight quantization scale of layer {lname} is not finite")
     summary["seconds"]["weight_ranges"] = round(time.perf_counter() - t0, 2)
 
     units = recon_units(qnet)
@@ -307,7 +325,10 @@ def calibrate(
         for name, unit in bar:
             args, kwargs = capture(model, qnet, name, recon_inputs, opts.forward_batch, "inputs")
             target = capture(model, model.unet, name, recon_inputs, opts.forward_batch, "output")
-            losses[name] = reconstruct_weights(unit, args, kwargs, target, opts, gen)
+            try:
+                losses[name] = reconstruct_weights(unit, args, kwargs, target, opts, gen)
+            except PtqdError as e:
+                raise PtqdError(f"calibration, AdaRound of block {name}: {e}") from None
             bar.set_postfix(block=name[-24:], loss=f"{losses[name]:.4g}")
         summary["weight_recon_loss"] = losses
         summary["seconds"]["weight_reconstruction"] = round(time.perf_counter() - t0, 2)
@@ -328,7 +349,10 @@ def calibrate(
             for name, unit in bar:
                 args, kwargs = capture(model, qnet, name, recon_inputs, opts.forward_batch, "inputs")
                 target = capture(model, model.unet, name, recon_inputs, opts.forward_batch, "output")
-                losses[f"{name}@A{bits}"] = reconstruct_acts(unit, args, kwargs, target, opts, gen, learn_fixed=bits == primary)
+                try:
+                    losses[f"{name}@A{bits}"] = reconstruct_acts(unit, args, kwargs, target, opts, gen, learn_fixed=bits == primary)
+                except PtqdError as e:
+                    raise PtqdError(f"calibration, A{bits} step sizes of block {name}: {e}") from None
                 bar.set_postfix(block=name[-24:], loss=f"{losses[f'{name}@A{bits}']:.4g}")
         set_act_bits(qnet, primary)
         summary["act_recon_loss"] = losses

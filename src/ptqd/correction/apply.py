@@ -85,6 +85,10 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
             "quantize again with --extra-act-bits (or --mixed-precision)"
         )
     request = dataclasses.replace(request, bits=bits)
+    if out is not None:
+        from ptqd.io import RUN_DIR, check_output
+
+        check_output(out, kind="dir", ours=RUN_DIR, option="run directory")
     fp, qnet = run.fp, run.qnet
     meta = stats_meta(fp, quant_fingerprint(qnet), run.quant_config.weight_bits, request)
     path = Path(out) / stats_name(request.sampler, fp.conditional) if out is not None else None

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ptqd import __version__
+from ptqd.checks import check_finite
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
 from ptqd.models.loading import DiffusionModel
@@ -142,6 +143,13 @@ def fit(moments: NoiseMoments, clamp_k: bool = True, mean_of: str = "error", met
     if mean_of == "residual":
         mu = mu - k[..., None] * m["c_e"].sum(2) / per_ch
     rel_err = np.sqrt((m["s_dd"].sum(-1) / total) / np.maximum(m["s_ee"].sum(-1) / total, 1e-30))
+    bad = ~(np.isfinite(k_raw) & np.isfinite(sigma) & np.isfinite(mu).all(-1))
+    if bad.any():
+        b, s = (int(v) for v in np.argwhere(bad)[0])
+        raise PtqdError(
+            f"noise statistics are not finite at step {s + 1}/{len(moments.timesteps)} (t={moments.timesteps[s]}) "
+            f"for {moments.bits[b]}-bit activations; nothing was saved"
+        )
     meta = dict(meta or {})
     meta.update({"clamp_k": clamp_k, "mean_of": mean_of})
     return NoiseStats(
@@ -220,9 +228,16 @@ def collect_moments(
         scheduler = make_scheduler(model, sampler.scheduler, sampler.steps)
         x = x * scheduler.init_noise_sigma
         per_step: list[list[dict[str, np.ndarray]]] = []
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
+            where = f"step {i + 1}/{sampler.steps} (t={int(t)}, samples {start}..{stop - 1})"
             eps = model.denoise(x, t, y, guidance)
-            per_step.append([sample_moments(eps, quantized(b, x, t, y, guidance) - eps) for b in bits])
+            check_finite(eps, f"noise statistics: the FP network output at {where}", model.unet)
+            moments = []
+            for b in bits:
+                q = quantized(b, x, t, y, guidance)
+                check_finite(q, f"noise statistics: the quantized network output (A{b}) at {where}")
+                moments.append(sample_moments(eps, q - eps))
+            per_step.append(moments)
             kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
             x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
             tick()
@@ -235,10 +250,15 @@ def collect_moments(
     if partial is not None:
         store = ChunkStore(partial, {**(meta or {}), "bits": list(bits), "seed": seed, "batch_size": sampler.batch_size})
     ranges = distributed.chunk_ranges(num_samples, sampler.batch_size)
-    results = distributed.run_chunks(
-        ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
-        restart_on_mismatch=True,
-    )
+    try:
+        results = distributed.run_chunks(
+            ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
+            restart_on_mismatch=True,
+        )
+    except PtqdError:
+        if store is not None and ctx.main:
+            store.remove_if_empty()  # nothing to resume from: leave no empty directory behind
+        raise
     m = {name: np.concatenate([results[r][name] for r in ranges], axis=2) for name in results[ranges[0]]}
     return NoiseMoments(list(bits), timesteps, int(np.prod(shape)), shape[0], m)
 

@@ -45,6 +45,14 @@ def evaluate(
             "rebuild the reference with ptqd.metrics.compute_reference"
         )
     feats = extract_features(images, model)
+    if labels is not None:
+        n_classes = feats.probs.shape[1]
+        bad = sorted({int(v) for v in np.asarray(labels) if not 0 <= int(v) < n_classes})
+        if bad:
+            raise PtqdError(
+                f"the samples' labels {bad[:5]} lie outside the {n_classes} classes (0..{n_classes - 1}) of the bundled digit "
+                "classifier; these samples were not made by a bundled digits model"
+            )
     mu, sigma = feature_stats(feats.pool)
     smu, ssigma = feature_stats(feats.spatial)
     is_mean, is_std = inception_score(feats.probs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,20 +212,51 @@ def _components(path: Path) -> dict[str, tuple[str, str]]:
     return {"unet": ("diffusers", _read_json(cfg).get("_class_name", "UNet2DModel")), "scheduler": ("diffusers", "DDPMScheduler")}
 
 
+LIBRARIES = ("diffusers", "transformers")  # the only libraries a model_index.json may name
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _is_tokenizer(cls_name: str) -> bool:
+    return cls_name.endswith(("Tokenizer", "TokenizerFast"))
+
+
+def _refuse_pickle_weights(sub: Path, library: str, cls_name: str) -> None:
+    """A component folder with pickle weights and no safetensors: refused with how to convert it."""
+    files = [f for f in sub.iterdir() if f.is_file()]
+    if any(f.name.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PtqdError(
+            f"{sub} holds only pickle weights ({', '.join(pickles)}); ptqd loads safetensors only (loading a pickle can "
+            f"run code). If you trust the file, convert it once: python -c \"import {library}; "
+            f"{library}.{cls_name}.from_pretrained('{sub}', use_safetensors=False).save_pretrained('{sub}')\" "
+            "(writes .safetensors), then delete the pickle file"
+        )
+
+
 def _load_component(path: Path, key: str, library: str, cls_name: str):
     sub = path / key
     if not sub.is_dir():
         raise PtqdError(f"model directory {path} has no {key}/ (model_index.json lists it); save the pipeline with save_pretrained")
+    if library not in LIBRARIES:
+        raise PtqdError(
+            f"{path / 'model_index.json'}: component {key}/ names the library {library!r}; ptqd imports only "
+            f"{' and '.join(LIBRARIES)} for model components, so this model directory is refused"
+        )
     try:
-        lib = __import__(library)
+        lib = importlib.import_module(library)
     except ImportError as e:
         extra = " (pip install 'ptqd[sd]')" if library == "transformers" else ""
         raise PtqdError(f"{key}/ needs the {library} package{extra}: {e}") from e
     cls = getattr(lib, cls_name, None)
     if cls is None:
         raise PtqdError(f"{key}/ is a {library}.{cls_name}, which this {library} version does not have")
-    kwargs = {"local_files_only": True}
-    if library == "diffusers" and not cls_name.endswith("Tokenizer"):
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if not _is_tokenizer(cls_name):  # weights: safetensors only, never pickle
+        _refuse_pickle_weights(sub, library, cls_name)
+        kwargs["use_safetensors"] = True
+    if library == "diffusers" and not _is_tokenizer(cls_name):
         kwargs["low_cpu_mem_usage"] = False
     try:
         obj = cls.from_pretrained(str(sub), **kwargs)

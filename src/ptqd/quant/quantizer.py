@@ -183,6 +183,8 @@ class WeightQuantizer(nn.Module):
         if self.bits >= PASS_BITS:
             self.calibrated = True
             return
+        if not bool(torch.isfinite(w).all()):
+            raise PtqdError("the weights to quantize are not finite (NaN or inf)")
         s, z = search_qparams(w, self.bits, self.spec.symmetric, self.axis, self.spec.method, self.spec.percentile)
         self.scale = _shape_for(s, w, self.axis).clone()
         self.zero_point = _shape_for(z, w, self.axis).clone()
@@ -310,6 +312,8 @@ class ActQuantizer(nn.Module):
         """Set the scale of every bit-width from what was observed (range + subsample)."""
         if self._lo is None:
             raise PtqdError("activation quantizer saw no data during calibration (is the layer used by the model?)")
+        if not (bool(torch.isfinite(self._lo)) and bool(torch.isfinite(self._hi))):
+            raise PtqdError(f"the observed activation range is not finite ({float(self._lo)} .. {float(self._hi)})")
         data = torch.cat(self._samples)
         method = method or self.spec.method
         for i, b in enumerate(self.bit_options):

@@ -35,7 +35,7 @@ from torch import nn
 
 from ptqd import __version__
 from ptqd.errors import PtqdError
-from ptqd.io import atomic_path, write_json
+from ptqd.io import atomic_path, check_output, dir_with, write_json
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor, QuantLayer
 from ptqd.quant.quantizer import PASS_BITS, QuantSpec, qrange
@@ -67,6 +67,9 @@ class CheckpointModel(DiffusionModel):
             f"checkpoint {self.path} carries the prompt embeddings it was exported with ({have}), not a text encoder; "
             "sample other prompts from the quantization run directory (`ptqd sample RUN --prompts FILE`)"
         )
+
+
+CHECKPOINT_DIR = dir_with((MANIFEST, None), (WEIGHTS, None))  # what an earlier (or interrupted) export leaves
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -111,24 +114,27 @@ def runs_integer(m: QuantLayer) -> bool:
 # ------------------------------------------------------------------------------------------ export
 
 
-def export(run, out: str | Path, progress: bool = True) -> Path:
-    """Write the checkpoint of ``run`` (a :class:`ptqd.runs.QuantizedRun` or a run directory) to ``out``."""
+def export(run, out: str | Path, progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the checkpoint of ``run`` (a :class:`ptqd.runs.QuantizedRun` or a run directory) to ``out``.
+
+    ``out`` is checked first: a new or empty directory, or an earlier checkpoint (it holds
+    ``ptqd_checkpoint.json`` or ``weights.safetensors``); any other existing directory only with ``overwrite``."""
     from safetensors.torch import save_file
 
     from ptqd.correction.apply import quant_fingerprint
     from ptqd.runs import QuantizedRun, load_run
 
+    out = Path(out)
+    run_path = run.path if isinstance(run, QuantizedRun) else Path(run)
+    if not isinstance(run, QuantizedRun) and is_checkpoint(run):
+        raise PtqdError(f"{run} is already an exported checkpoint; export from the quantization run directory")
+    if run_path is not None and out.resolve() == Path(run_path).resolve():
+        raise PtqdError("export into a new directory, not into the run directory")
+    check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)
     if not isinstance(run, QuantizedRun):
-        if is_checkpoint(run):
-            raise PtqdError(f"{run} is already an exported checkpoint; export from the quantization run directory")
         run = load_run(run)
     if isinstance(run.fp, CheckpointModel):
         raise PtqdError("this model was loaded from a checkpoint; export from the quantization run directory")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PtqdError(f"{out} is a file; give a directory for the checkpoint")
-    if run.path is not None and out.resolve() == Path(run.path).resolve():
-        raise PtqdError("export into a new directory, not into the run directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest is written
     qnet = run.qnet.cpu()
