@@ -97,6 +97,68 @@ def default_labels(model: DiffusionModel, num: int, labels: list[int] | None = N
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
+@dataclass
+class Step:
+    """What an observer of the sampling loop sees at one step, before the scheduler moves ``x``:
+    step index ``i`` of ``steps``, timestep ``t``, the input ``x`` (x_t), the class labels ``y`` and
+    the (guided) noise prediction ``eps`` the step will use, for the samples ``indices`` of the run."""
+
+    i: int
+    steps: int
+    t: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor | None
+    eps: torch.Tensor
+    guidance: float
+    indices: range
+
+
+StepCallback = Callable[[Step], None]
+
+
+@torch.no_grad()
+def trajectories(
+    model: DiffusionModel,
+    indices: range,
+    config: SamplerConfig,
+    labels: np.ndarray | None = None,
+    denoise: DenoiseFn | None = None,
+    corrector=None,
+    callback: StepCallback | None = None,
+    tick: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """The one sampling loop: samples ``indices`` of a run (their noise from generators seeded by
+    (seed, index)) from pure noise to the final ``x_0`` (latents for latent models), one batch.
+
+    ``labels`` are these samples' labels. ``callback(step)`` observes every step (statistics
+    collection and speed measurement use it); ``tick()`` is called after each step (progress bars).
+    """
+    denoise = denoise or model.denoise
+    guidance = config.guidance if model.conditional else 1.0
+    shape = (model.channels, model.image_size, model.image_size)
+    param = next(model.unet.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gens = sample_generators(config.seed, indices)
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    y = torch.from_numpy(np.asarray(labels)).to(device) if labels is not None else None
+    scheduler = make_scheduler(model, config.scheduler, config.steps)
+    x = x * scheduler.init_noise_sigma
+    where = f"samples {indices.start}..{indices.stop - 1}"
+    for i, t in enumerate(scheduler.timesteps):
+        eps = denoise(x, t, y, guidance)
+        check_finite(eps, f"sampling: the network output at step {i + 1}/{config.steps} (t={int(t)}, {where})", model.unet)
+        if callback is not None:
+            callback(Step(i, config.steps, t, x, y, eps, guidance, indices))
+        if corrector is not None:
+            x = corrector.step(scheduler, eps, t, x, gens, eta=config.eta if config.scheduler == "ddim" else 0.0)
+        else:
+            kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
+            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
+        if tick is not None:
+            tick()
+    return x
+
+
 @torch.no_grad()
 def sample(
     model: DiffusionModel,
@@ -107,6 +169,7 @@ def sample(
     denoise: DenoiseFn | None = None,
     corrector=None,
     first: int = 0,
+    callback: StepCallback | None = None,
 ) -> Samples:
     """Generate ``num`` images. ``denoise(x, t, labels, guidance)`` defaults to ``model.denoise``.
 
@@ -114,8 +177,9 @@ def sample(
     as in the whole run): chunks of a run are generated this way (:mod:`ptqd.shards`).
 
     ``corrector`` (a :class:`ptqd.correction.Corrector`) takes each step instead of the scheduler
-    alone: it corrects the noise prediction and, with VSC, the sampler's noise. Sampling runs on the
-    device of the model's parameters; images come back on the CPU.
+    alone: it corrects the noise prediction and, with VSC, the sampler's noise. ``callback`` observes
+    every step (see :func:`trajectories`). Sampling runs on the device of the model's parameters;
+    images come back on the CPU.
     """
     from tqdm import tqdm
 
@@ -127,31 +191,16 @@ def sample(
         raise PtqdError(f"first sample index must be at least 0, got {first}")
     label_arr = default_labels(model, first + num, list(labels) if labels is not None else None)
     label_arr = label_arr[first:] if label_arr is not None else None
-    denoise = denoise or model.denoise
-    guidance = config.guidance if model.conditional else 1.0
-    shape = (model.channels, model.image_size, model.image_size)
-    param = next(model.unet.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     out = []
     n_batches = (num + config.batch_size - 1) // config.batch_size
     bar = tqdm(total=n_batches * config.steps, desc=f"sampling {model.name}", unit="step", disable=not progress)
     for b in range(n_batches):
         idx = range(b * config.batch_size, min(num, (b + 1) * config.batch_size))
-        gens = sample_generators(config.seed, range(first + idx.start, first + idx.stop))
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        y = torch.from_numpy(label_arr[idx.start : idx.stop]).to(device) if label_arr is not None else None
-        scheduler = make_scheduler(model, config.scheduler, config.steps)
-        x = x * scheduler.init_noise_sigma
-        for i, t in enumerate(scheduler.timesteps):
-            eps = denoise(x, t, y, guidance)
-            check_finite(eps, f"sampling: the network output at step {i + 1}/{config.steps} (t={int(t)}, samples "
-                              f"{first + idx.start}..{first + idx.stop - 1})", model.unet)
-            if corrector is not None:
-                x = corrector.step(scheduler, eps, t, x, gens, eta=config.eta if config.scheduler == "ddim" else 0.0)
-            else:
-                kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
-                x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
-            bar.update(1)
+        x = trajectories(
+            model, range(first + idx.start, first + idx.stop), config,
+            label_arr[idx.start : idx.stop] if label_arr is not None else None,
+            denoise, corrector, callback, lambda: bar.update(1),
+        )
         images = model.to_images(x)
         check_finite(images, f"sampling: the final images (samples {first + idx.start}..{first + idx.stop - 1})", model.unet)
         out.append(to_uint8(images.cpu()))  # latent models: the FP decoder makes the images

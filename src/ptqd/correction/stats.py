@@ -19,6 +19,7 @@ Fit per step (official PTQD code where the paper is vague):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from ptqd.checks import check_finite
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
 from ptqd.models.loading import DiffusionModel
-from ptqd.sampling import SamplerConfig, default_labels, make_scheduler, sample_generators
+from ptqd.sampling import SamplerConfig, default_labels, make_scheduler, trajectories
 
 STATS_SEED = 2000  # differs from calibration (1000) and evaluation seeds (0, 1, 2, …)
 MOMENTS = ("s_e", "s_d", "s_ee", "s_dd", "s_ed")  # per sample, over all elements
@@ -182,11 +183,6 @@ def sample_moments(eps: torch.Tensor, err: torch.Tensor) -> dict[str, np.ndarray
     }
 
 
-def _device(model: DiffusionModel) -> torch.device:
-    p = next(model.unet.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def collect_moments(
     model: DiffusionModel,
@@ -215,32 +211,24 @@ def collect_moments(
         raise PtqdError(f"noise statistics need at least 2 samples, got {num_samples}")
     sampler.validate()
     ctx = ctx or distributed.context()
-    guidance = sampler.guidance if model.conditional else 1.0
     labels = default_labels(model, num_samples)
     shape = (model.channels, model.image_size, model.image_size)
     timesteps = [int(t) for t in make_scheduler(model, sampler.scheduler, sampler.steps).timesteps]
-    device = _device(model)
 
     def compute(start: int, stop: int, tick) -> dict[str, np.ndarray]:
-        gens = sample_generators(seed, range(start, stop))
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        y = torch.from_numpy(labels[start:stop]).to(device) if labels is not None else None
-        scheduler = make_scheduler(model, sampler.scheduler, sampler.steps)
-        x = x * scheduler.init_noise_sigma
         per_step: list[list[dict[str, np.ndarray]]] = []
-        for i, t in enumerate(scheduler.timesteps):
-            where = f"step {i + 1}/{sampler.steps} (t={int(t)}, samples {start}..{stop - 1})"
-            eps = model.denoise(x, t, y, guidance)
-            check_finite(eps, f"noise statistics: the FP network output at {where}", model.unet)
+
+        def observe(step) -> None:  # the FP trajectory drives x_t; the quantized twin sees the same inputs
+            where = f"step {step.i + 1}/{sampler.steps} (t={int(step.t)}, samples {start}..{stop - 1})"
             moments = []
             for b in bits:
-                q = quantized(b, x, t, y, guidance)
+                q = quantized(b, step.x, step.t, step.y, step.guidance)
                 check_finite(q, f"noise statistics: the quantized network output (A{b}) at {where}")
-                moments.append(sample_moments(eps, q - eps))
+                moments.append(sample_moments(step.eps, q - step.eps))
             per_step.append(moments)
-            kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
-            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
-            tick()
+
+        run = dataclasses.replace(sampler, seed=seed)
+        trajectories(model, range(start, stop), run, labels[start:stop] if labels is not None else None, callback=observe, tick=tick)
         return {
             name: np.stack([np.stack([per_step[s][b][name] for s in range(len(timesteps))]) for b in range(len(bits))])
             for name in per_step[0][0]

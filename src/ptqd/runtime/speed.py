@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ptqd.errors import PtqdError
 from ptqd.models.loading import DiffusionModel
-from ptqd.sampling import make_scheduler
+from ptqd.sampling import SamplerConfig, trajectories
 
 
 def _sync(device: torch.device) -> None:
@@ -24,18 +25,11 @@ def _device(model: DiffusionModel) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
 def sampling_loop(model: DiffusionModel, batch: int, steps: int, guidance: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """One DDIM sampling run of ``batch`` images (what ``ptqd sample`` does per batch, without saving)."""
-    device = _device(model)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.channels, model.image_size, model.image_size, generator=g).to(device)
-    y = (torch.arange(batch) % model.num_classes).to(device) if model.conditional else None
-    scheduler = make_scheduler(model, "ddim", steps)
-    for t in scheduler.timesteps:
-        eps = model.denoise(x, t, y, guidance if model.conditional else 1.0)
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x
+    """One DDIM (eta 0) sampling run of ``batch`` images through ptqd's sampling loop, without saving."""
+    labels = (np.arange(batch) % model.num_classes) if model.conditional else None
+    config = SamplerConfig("ddim", steps, 0.0, guidance if model.conditional else 1.0, seed, batch)
+    return trajectories(model, range(batch), config, labels)
 
 
 def time_sampling(model: DiffusionModel, batch: int = 16, steps: int = 10, guidance: float = 1.0,
