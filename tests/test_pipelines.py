@@ -318,7 +318,7 @@ def test_stable_diffusion_pipeline_end_to_end_with_prompts(pipes, tmp_path, caps
     ck = _checkpoint_round_trip(run, tmp_path, capsys)
     assert read_manifest(ck)["model"]["prompts"] == PROMPTS
     with pytest.raises(PtqdError, match="exported prompts"):
-        load_checkpoint(ck).fp.with_prompts(["a yellow dog"])
+        load_checkpoint(ck).base.with_prompts(["a yellow dog"])
     # sampling with other prompts reuses the run (prompt ids index the new file)
     other = tmp_path / "other.txt"
     other.write_text("a yellow dog\n")

@@ -15,7 +15,7 @@ from ptqd.models.zoo import zoo_path
 from ptqd.quant import QuantConfig, QuantSpec
 from ptqd.quant.layers import QuantLayer
 from ptqd.quant.wrap import quant_layers
-from ptqd.runs import quantize, save_run
+from ptqd.runs import export_run, quantize, save_run
 from ptqd.runtime import IntLayer, export, integer_weight, load_checkpoint, measure_speed, read_manifest, set_kernel
 from ptqd.runtime.checkpoint import MANIFEST, WEIGHTS
 from ptqd.runtime.pack import pack_nibbles, unpack_nibbles
@@ -270,7 +270,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(run_dir, tmp_path_factory):
-    return export(run_dir, tmp_path_factory.mktemp("ck") / "model.ptqd", progress=False)
+    return export_run(run_dir, tmp_path_factory.mktemp("ck") / "model.ptqd", progress=False)
 
 
 def test_w4_checkpoint_is_small_and_self_describing(checkpoint):

@@ -257,7 +257,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from ptqd.runtime import export
 
-        export(args.run, args.out, overwrite=args.overwrite)
+        from ptqd.runs import export_run
+
+        export_run(args.run, args.out, overwrite=args.overwrite)
     elif args.command == "report":
         from ptqd.report import write_report
 
@@ -313,7 +315,7 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         else:
             run = load_run(args.run)
         if args.prompts is not None:
-            run.fp = run.fp.with_prompts(read_prompts(args.prompts))
+            run.base = run.base.with_prompts(read_prompts(args.prompts))
         run.to(device)
         if guidance is None:
             guidance = run.config["calibration"].get("guidance") or 1.0

@@ -118,7 +118,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         m = stats.meta
         prefix = f.stem
         sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
-        sched = make_scheduler(run.fp, sampler.scheduler, sampler.steps)
+        sched = make_scheduler(run.base, sampler.scheduler, sampler.steps)
         table = snr_table(stats, sched.alphas_cumprod.numpy(), sched.config.num_train_timesteps)
         schedules = {c: schedule_for(run, stats, sampler, criterion=c) for c in CRITERIA} if len(stats.bits) > 1 else {}
         schedule = schedules.get(DEFAULT_CRITERION)

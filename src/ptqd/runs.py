@@ -36,7 +36,8 @@ from ptqd.calibration.methods import CalibrationOptions, calibrate
 from ptqd.errors import PtqdError
 from ptqd.io import RUN_DIR, atomic_path, check_output, write_json
 from ptqd.metrics.bops import count_bops, model_size_bytes
-from ptqd.models.loading import DiffusionModel, load
+from ptqd.models.loading import DiffusionModel, example_forward, load
+from ptqd.quant.denoiser import QuantizedDenoiser, QuantizedRun  # noqa: F401  (public names of this module)
 from ptqd.quant.wrap import QuantConfig, find_unsupported, load_quant_state, quant_layers, quant_state, set_act_bits, wrap_model
 from ptqd.sampling import SamplerConfig
 
@@ -44,55 +45,9 @@ SCALE_DEFAULTS = {"naive": "minmax", "qdiff": "mse", "ptqd": "mse"}
 METHODS = ("naive", "qdiff", "ptqd")  # ptqd = qdiff calibration + noise statistics + correction when sampling
 
 
-@dataclass
-class QuantizedRun:
-    """A calibrated quantized network next to the FP model it came from."""
-
-    fp: DiffusionModel
-    qnet: nn.Module
-    config: dict[str, Any]
-    path: Path | None = None
-    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stats: Any = None  # NoiseStats of a PTQD run collected in this process (also saved in the run directory)
-
-    @property
-    def model(self) -> DiffusionModel:
-        """The quantized model behind the same ``denoise`` adapter (sampling uses it unchanged)."""
-        q = self.config["quant"]
-        tag = f"W{q['weight_bits']}A{q['act_bits']} {self.config['method']}"
-        return dataclasses.replace(self.fp, unet=self.qnet, name=f"{self.fp.name} [{tag}]", info={**self.fp.info, "run": self.config})
-
-    @property
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig.from_dict(self.config["quant"])
-
-    def set_act_bits(self, bits: int) -> None:
-        set_act_bits(self.qnet, bits)
-
-    def to(self, device: str | torch.device) -> "QuantizedRun":
-        """Move the FP and the quantized network to ``device`` (in place); returns self."""
-        self.fp.to(device)
-        self.qnet.to(device)
-        return self
-
-
 def _device(model: DiffusionModel) -> torch.device:
     p = next(model.unet.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def example_forward(model: DiffusionModel, batch: int = 1):
-    """A function running one denoiser forward on a fixed input (for split detection and BOPs)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, model.channels, model.image_size, model.image_size, generator=g)
-    y = torch.zeros(batch, dtype=torch.long) if model.conditional else None
-
-    def run(net: nn.Module):
-        p = next(net.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        return model.denoise(x.to(dev), torch.tensor(500), y.to(dev) if y is not None else None, 1.0, unet=net)
-
-    return run
 
 
 def resolve_config(config: QuantConfig, method: str) -> QuantConfig:
@@ -386,3 +341,17 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
         "gbops_forward": summary["bops"]["bops"] / 1e9 if summary.get("bops") else None,
         "calib_s": (secs.get("total_calibration") or 0.0) + (secs.get("noise_statistics") or 0.0) or None,
     }
+
+
+def export_run(run: str | Path | QuantizedRun, out: str | Path, progress: bool = True, overwrite: bool = False) -> Path:
+    """``ptqd export``: the packed checkpoint of a run directory (or an in-memory run) in ``out``."""
+    from ptqd.runtime.checkpoint import CHECKPOINT_DIR, export, is_checkpoint
+
+    if not isinstance(run, QuantizedRun):
+        if is_checkpoint(run):
+            raise PtqdError(f"{run} is already an exported checkpoint; export from the quantization run directory")
+        if Path(out).resolve() == Path(run).resolve():
+            raise PtqdError("export into a new directory, not into the run directory")
+        check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)  # before the run is loaded
+        run = load_run(run)
+    return export(run, out, progress=progress, overwrite=overwrite)

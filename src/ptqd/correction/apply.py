@@ -8,7 +8,6 @@ steps and guidance are part of what must match.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -33,34 +32,20 @@ from ptqd.correction.stats import (
     stats_name,
 )
 from ptqd.errors import PtqdError
-from ptqd.models.loading import DiffusionModel
-from ptqd.quant.wrap import current_act_bits, quant_state, set_act_bits
+from ptqd.metrics.bops import count_bops
+from ptqd.models.loading import DiffusionModel, example_forward
+from ptqd.quant.denoiser import quant_fingerprint
+from ptqd.quant.wrap import current_act_bits, set_act_bits
 from ptqd.sampling import SamplerConfig, make_scheduler
 
 
-def quant_fingerprint(qnet: torch.nn.Module) -> str:
-    """Hash of every quantizer's state: statistics of one calibration are refused by another.
-
-    A network loaded from an exported checkpoint carries the hash of the run it was exported from
-    (``ptqd_quant_fingerprint``): it runs the same quantization grids and rounded weights."""
-    stored = getattr(qnet, "ptqd_quant_fingerprint", None)
-    if stored:
-        return stored
-    h = hashlib.sha256()
-    for name, t in sorted(quant_state(qnet).items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def calibrated_bits(run) -> list[int]:
-    q = run.quant_config
-    return sorted({q.act_bits, *q.extra_act_bits})
+    return run.quant_config.act_bit_options
 
 
 def expected_meta(run, sampler: SamplerConfig) -> dict[str, Any]:
     """What statistics used with ``run`` and ``sampler`` must have been made with."""
-    fp = run.fp
+    fp = run.base
     return {
         "model_fingerprint": fp.fingerprint(),
         "quant_fingerprint": quant_fingerprint(run.qnet),
@@ -136,10 +121,10 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
     """The run's statistics for ``sampler``, checked against the run; a clear error when there are none."""
     if run.path is None:
         raise PtqdError("the run has no directory to hold noise statistics; quantize with --out DIR")
-    path = Path(run.path) / stats_name(sampler, run.fp.conditional)
+    path = Path(run.path) / stats_name(sampler, run.base.conditional)
     if not path.is_file():
         found = sorted(p.name for p in Path(run.path).glob("noise_stats_*.safetensors"))
-        g = f" --guidance {sampler.guidance:g}" if run.fp.conditional else ""
+        g = f" --guidance {sampler.guidance:g}" if run.base.conditional else ""
         eta = f" --eta {sampler.eta:g}" if sampler.scheduler == "ddim" else ""
         collect = f"ptqd stats {{}} --scheduler {sampler.scheduler} --steps {sampler.steps}{eta}{g}"
         if getattr(run, "manifest", None) is not None:  # an exported checkpoint: statistics need the FP model
@@ -149,7 +134,7 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
             how = f"collect them with `{collect.format(run.path)}`"
         raise PtqdError(
             f"{run.path} has no noise statistics for {sampler.scheduler} {sampler.steps} steps{eta.replace(' --', ' ')}"
-            f"{' guidance ' + format(sampler.guidance, 'g') if run.fp.conditional else ''} (found: {', '.join(found) or 'none'}); {how}"
+            f"{' guidance ' + format(sampler.guidance, 'g') if run.base.conditional else ''} (found: {', '.join(found) or 'none'}); {how}"
         )
     stats = load_stats(path)
     check_stats(stats, expected_meta(run, sampler))
@@ -157,21 +142,18 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
 
 
 def schedule_for(run, stats: NoiseStats, sampler: SamplerConfig, candidates=None, criterion=DEFAULT_CRITERION, low_steps=None) -> dict[int, int]:
-    sched = make_scheduler(run.fp, sampler.scheduler, sampler.steps)
+    sched = make_scheduler(run.base, sampler.scheduler, sampler.steps)
     return bit_schedule(stats, sched.alphas_cumprod.numpy(), sched.config.num_train_timesteps, candidates, criterion, low_steps)
 
 
 def bops_per_bits(run, bits: list[int]) -> dict[int, float]:
     """BOPs of one denoiser forward (one image) at each activation bit-width."""
-    from ptqd.metrics.bops import count_bops
-    from ptqd.runs import example_forward
-
     before = current_act_bits(run.qnet)
     out = {}
     try:
         for b in bits:
             set_act_bits(run.qnet, b)
-            out[b] = count_bops(run.qnet, example_forward(run.fp)).summary()["bops"]
+            out[b] = count_bops(run.qnet, example_forward(run.base)).summary()["bops"]
     finally:
         if before is not None:
             set_act_bits(run.qnet, before)
@@ -182,10 +164,11 @@ def bops_per_bits(run, bits: list[int]) -> dict[int, float]:
 class SamplingPlan:
     """What ``sample`` needs for a (corrected, mixed-precision) quantized run, and what to record."""
 
-    model: DiffusionModel
+    model: DiffusionModel  # the quantized model; its denoiser runs the plan's bits per timestep
     denoise: Any
     corrector: Corrector | None
     record: dict[str, Any]
+    denoiser: Any = None  # the QuantizedDenoiser view of this plan
 
 
 def plan_sampling(
@@ -220,38 +203,30 @@ def plan_sampling(
         if act_bits not in bits_avail:
             raise PtqdError(f"the run was calibrated for {bits_avail}-bit activations, not {act_bits}")
     stats = find_stats(run, sampler) if (parts or mixed) else None
-    qnet, fp = run.qnet, run.fp
+    fp = run.base
     record: dict[str, Any] = {"correction": list(parts)}
     if mixed:
         schedule = schedule_for(run, stats, sampler, bits_avail, criterion, low_steps)
         record["bit_schedule"] = describe_schedule(schedule)
         record["bit_criterion"] = f"first {low_steps} steps low" if low_steps is not None else criterion
     else:
-        set_act_bits(qnet, act_bits)
         schedule = {int(t): act_bits for t in make_scheduler(fp, sampler.scheduler, sampler.steps).timesteps}
         record["act_bits"] = act_bits
     bops = bops_per_bits(run, sorted(set(schedule.values())))
     cfg = 2 if fp.conditional and sampler.guidance != 1.0 else 1
     record["sampling_bops"] = sampling_bops(bops, schedule, cfg)
     record["bops_per_forward"] = {str(b): v for b, v in bops.items()}
-    model = run.model
-    if mixed:
-        def denoise(x, t, y, guidance):
-            set_act_bits(qnet, schedule[int(t)])
-            return fp.denoise(x, t, y, guidance, unet=qnet)
-    else:
-        denoise = model.denoise
+    # the denoiser sets its bit-width from each call's timestep: nothing shared is changed here
+    denoiser = run.denoiser.with_bits(schedule if mixed else act_bits)
+    model = run.model_with(denoiser)
     corrector = None
     if parts:
         corrector = Corrector(stats, parts, bits_at=schedule)
         record["notes"] = corrector.notes(sampler.scheduler, sampler.eta)
-    return SamplingPlan(model, denoise, corrector, record)
+    return SamplingPlan(model, model.denoise, corrector, record, denoiser)
 
 
 def fp_sampling_bops(fp: DiffusionModel, sampler: SamplerConfig) -> float:
-    from ptqd.metrics.bops import count_bops
-    from ptqd.runs import example_forward
-
     per = count_bops(fp.unet, example_forward(fp)).summary()["fp_bops"]
     cfg = 2 if fp.conditional and sampler.guidance != 1.0 else 1
     return float(per * sampler.steps * cfg)

@@ -128,6 +128,20 @@ class DiffusionModel:
         return h.hexdigest()[:16]
 
 
+def example_forward(model: DiffusionModel, batch: int = 1):
+    """A function running one denoiser forward on a fixed input (for split detection and BOPs)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.channels, model.image_size, model.image_size, generator=g)
+    y = torch.zeros(batch, dtype=torch.long) if model.conditional else None
+
+    def run(net: nn.Module):
+        p = next(net.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        return model.denoise(x.to(dev), torch.tensor(500), y.to(dev) if y is not None else None, 1.0, unet=net)
+
+    return run
+
+
 def list_models() -> list[str]:
     """Names of the bundled models."""
     return list(ZOO_NAMES)

@@ -24,6 +24,7 @@ format, version, sizes and checksums before reading anything, and refuses damage
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from ptqd import __version__
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, check_output, dir_with, write_json
 from ptqd.models.loading import DiffusionModel
+from ptqd.quant.denoiser import QuantizedRun, quant_fingerprint
 from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor, QuantLayer
 from ptqd.quant.quantizer import PASS_BITS, QuantSpec, qrange
 from ptqd.quant.wrap import QuantConfig, act_quantizers, quant_layers
@@ -114,27 +116,23 @@ def runs_integer(m: QuantLayer) -> bool:
 # ------------------------------------------------------------------------------------------ export
 
 
-def export(run, out: str | Path, progress: bool = True, overwrite: bool = False) -> Path:
-    """Write the checkpoint of ``run`` (a :class:`ptqd.runs.QuantizedRun` or a run directory) to ``out``.
+def export(run: QuantizedRun, out: str | Path, progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the checkpoint of ``run`` (a :class:`ptqd.quant.denoiser.QuantizedRun`, e.g. from
+    ``ptqd.runs.load_run``) to ``out``, with its noise statistics (those in its run directory and
+    those collected in memory).
 
     ``out`` is checked first: a new or empty directory, or an earlier checkpoint (it holds
     ``ptqd_checkpoint.json`` or ``weights.safetensors``); any other existing directory only with ``overwrite``."""
     from safetensors.torch import save_file
 
-    from ptqd.correction.apply import quant_fingerprint
-    from ptqd.runs import QuantizedRun, load_run
-
     out = Path(out)
-    run_path = run.path if isinstance(run, QuantizedRun) else Path(run)
-    if not isinstance(run, QuantizedRun) and is_checkpoint(run):
-        raise PtqdError(f"{run} is already an exported checkpoint; export from the quantization run directory")
-    if run_path is not None and out.resolve() == Path(run_path).resolve():
-        raise PtqdError("export into a new directory, not into the run directory")
-    check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)
     if not isinstance(run, QuantizedRun):
-        run = load_run(run)
-    if isinstance(run.fp, CheckpointModel):
+        raise PtqdError(f"export takes a quantized run (ptqd.runs.load_run(DIR) or ptqd.quantize), got {type(run).__name__}")
+    if run.path is not None and out.resolve() == Path(run.path).resolve():
+        raise PtqdError("export into a new directory, not into the run directory")
+    if run.manifest is not None:
         raise PtqdError("this model was loaded from a checkpoint; export from the quantization run directory")
+    check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest is written
     qnet = run.qnet.cpu()
@@ -189,7 +187,7 @@ def export(run, out: str | Path, progress: bool = True, overwrite: bool = False)
             key = f"{owner[:-3]}.{leaf}"
         tensors[f"float.{key}"] = v.detach().contiguous()
 
-    fp = run.fp
+    fp = run.base
     adapter = _adapter_record(fp, tensors)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
@@ -311,17 +309,26 @@ def _export_stats(run, out: Path) -> list[dict[str, Any]]:
     """Copy the run's noise statistics (fitted arrays, no moments) and record their default bit schedule."""
     from ptqd.correction.apply import schedule_for
     from ptqd.correction.mixed import DEFAULT_CRITERION, describe_schedule
-    from ptqd.correction.stats import load_stats, save_stats
+    from ptqd.correction.stats import load_stats, save_stats, stats_name
     from ptqd.sampling import SamplerConfig
 
+    def stats_name_of(stats) -> str:
+        m = stats.meta
+        sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
+        return stats_name(sampler, m.get("guidance") is not None)
+
     entries = []
-    if run.path is None:
-        return entries
-    for src in sorted(Path(run.path).glob("noise_stats_*.safetensors")):
-        if src.name.endswith(".partial.safetensors"):
-            continue
-        stats = load_stats(src)
-        stats.moments = None
+    sources = []
+    if run.path is not None:
+        sources = [load_stats(src) for src in sorted(Path(run.path).glob("noise_stats_*.safetensors"))
+                   if not src.name.endswith(".partial.safetensors")]
+    named = {stats_name_of(s) for s in sources}
+    for extra in ([run.stats] if run.stats is not None else []):  # collected in memory (ptqd.quantize without a directory)
+        if stats_name_of(extra) not in named:
+            sources.append(extra)
+    for stats in sources:
+        src = Path(stats_name_of(stats))
+        stats = dataclasses.replace(stats, moments=None)
         save_stats(stats, out / src.name)
         m = stats.meta
         entry = {
@@ -403,8 +410,6 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
     """
     from safetensors.torch import load_file
 
-    from ptqd.runs import QuantizedRun
-
     if backend not in BACKENDS:
         raise PtqdError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     path = Path(path)
@@ -453,9 +458,7 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
         info={**m.get("info", {}), "checkpoint": str(path), "backend": backend}, stored_fingerprint=m["fingerprint"],
         adapter=_make_adapter(manifest, tensors, path), decoder=_make_decoder(manifest, path), prompts=m.get("prompts"),
     )
-    run = QuantizedRun(model, net, run_config, path, {"size": manifest.get("size", {})})
-    run.manifest = manifest
-    return run
+    return QuantizedRun(model, net, run_config, path, {"size": manifest.get("size", {})}, manifest=manifest)
 
 
 def _meta_left(net: nn.Module, persistent: set[str] | None = None) -> list[str]:

@@ -54,6 +54,22 @@ def onednn_available() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
 
 
+def _cpu_has_vnni() -> bool:
+    """Whether the CPU has VNNI dot products (u8·s8 summed in int32). Without them x86 int8 kernels
+    multiply-add adjacent u8·s8 pairs into saturating int16 (vpmaddubsw), which overflows for 8-bit
+    activations against weights beyond ±64."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(k in flags for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+SAFE_PAIR_WEIGHT = 64  # 2·255·64 < 2**15: a u8·s8 pair sum of weights this small never saturates int16
+_SPLIT_WIDE_WEIGHTS = not _cpu_has_vnni()
+
+
 def kernel_for(device: torch.device) -> str:
     k = _forced["kernel"]
     if k != "auto":
@@ -197,13 +213,22 @@ class IntLayer(QuantLayer):
             plan = {"ws": ws.contiguous(), "zeros": torch.zeros(ws.numel(), dtype=torch.long), "bias": bias, "bias_ext": bias_ext,
                     "extra": extra, "n": coef.numel(), "grouped_offsets": offsets and grouped,
                     "part": i, "wscale": getattr(self, f"wscale_{i}"), "by_grid": {}}
+            # without VNNI, weights beyond ±64 run as two halves within ±64 (exact: the int32 sums add up)
+            lo = None
+            if _SPLIT_WIDE_WEIGHTS and int(w8.abs().max()) > SAFE_PAIR_WEIGHT:
+                hi = w8.clamp(-SAFE_PAIR_WEIGHT, SAFE_PAIR_WEIGHT)
+                lo, w8 = (w8 - hi)[: coef.numel()].contiguous(), hi.contiguous()
+            n = coef.numel()
+            plan["ws_lo"], plan["zeros_lo"] = ws[:n].contiguous(), torch.zeros(n, dtype=torch.long)
             if self.kind == "conv":
                 geo = (list(fp.stride), list(fp.padding), list(fp.dilation), fp.groups)
                 plan["packed"] = torch.ops.onednn.qconv_prepack(w8, ws, 1.0, 0, *geo, None)
+                plan["packed_lo"] = torch.ops.onednn.qconv_prepack(lo, plan["ws_lo"], 1.0, 0, *geo, None) if lo is not None else None
                 plan["geometry"] = geo
                 plan["coef"] = coef.reshape(1, -1, 1, 1)
             else:
                 plan["packed"] = torch.ops.onednn.qlinear_prepack(w8, None)
+                plan["packed_lo"] = torch.ops.onednn.qlinear_prepack(lo, None) if lo is not None else None
                 plan["coef"] = coef
             self._packed[i] = plan
         return plan
@@ -262,6 +287,16 @@ class IntLayer(QuantLayer):
             )
         else:
             out = torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, 1.0, 0, torch.float32, "none", [], "")
+        if p["packed_lo"] is not None:  # the second half of wide 8-bit weights (CPUs without VNNI)
+            n = p["n"]
+            if self.kind == "conv":
+                lo = torch.ops.onednn.qconv2d_pointwise(
+                    xq, s_x, 0, p["packed_lo"], p["ws_lo"], p["zeros_lo"], None, *p["geometry"], 1.0, 0, torch.float32, "none", [], "",
+                )
+                out[:, :n] += lo
+            else:
+                lo = torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed_lo"], p["ws_lo"], p["zeros_lo"], None, 1.0, 0, torch.float32, "none", [], "")
+                out[..., :n] += lo
         if p["extra"]:
             n = p["n"]
             if self.kind == "conv":
