@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ptqd import __version__
+from ptqd import __version__, defaults
 from ptqd.calibration import CalibrationOptions
 from ptqd.errors import PtqdError
 from ptqd.images import save_comparison
@@ -42,8 +42,8 @@ class DemoSettings:
     steps: int = 50
     eta: float = 1.0
     guidance: float = 3.0
-    calib_samples: int = 256
-    calib_steps: int = 10
+    calib_samples: int = defaults.CALIB_SAMPLES
+    calib_steps: int = defaults.CALIB_STEPS
     noise_samples: int = 128
     batch_size: int = 250
     options: CalibrationOptions = field(default_factory=CalibrationOptions)

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqd import __version__
+from ptqd import __version__, defaults
 from ptqd.calibration.data import (
     CALIB_SEED,
     CalibrationSet,
     collect_calibration,
+    record_forward_loop,
     kept_steps,
     load_calibration,
     save_calibration,
@@ -83,16 +84,17 @@ def quantize(
     config: QuantConfig | None = None,
     method: str = "qdiff",
     options: CalibrationOptions | None = None,
-    calib_samples: int = 256,
-    calib_steps: int = 10,
+    calib_samples: int = defaults.CALIB_SAMPLES,
+    calib_steps: int = defaults.CALIB_STEPS,
     sampler: SamplerConfig | None = None,
     calib_seed: int = CALIB_SEED,
     out: str | Path | None = None,
     progress: bool = True,
-    noise_samples: int = 256,
+    noise_samples: int = defaults.NOISE_SAMPLES,
     noise_seed: int | None = None,
     mixed_precision: list[int] | None = None,
     overwrite: bool = False,
+    forward_loop=None,
 ) -> QuantizedRun:
     """Quantize ``model`` and calibrate it with ``method``; write a run directory when ``out`` is given.
 
@@ -143,7 +145,7 @@ def quantize(
     options.validate()
     config = resolve_config(config, method)
     config.validate()
-    sampler = sampler or SamplerConfig(guidance=3.0 if fp.conditional else 1.0)
+    sampler = sampler or SamplerConfig(guidance=defaults.guidance(fp.conditional))
     sampler = dataclasses.replace(sampler, seed=calib_seed)
     run_config = {
         "ptqd": __version__,
@@ -152,7 +154,8 @@ def quantize(
         "model_kind": fp.describe(),
         "method": method,
         "quant": config.to_dict(),
-        "calibration": {"num_samples": calib_samples, "num_steps": calib_steps, **asdict(sampler)},
+        "calibration": {"num_samples": calib_samples, "num_steps": calib_steps, **asdict(sampler)}
+        | ({"forward_loop": getattr(forward_loop, "__name__", "forward_loop")} if forward_loop is not None else {}),
         "options": asdict(options),
         "torch_threads": torch.get_num_threads(),
     }
@@ -169,7 +172,12 @@ def quantize(
             _ptqd_stats(done, sampler, ptqd_cfg, out, progress)
             return done
 
-    calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
+    if forward_loop is not None:
+        calib = record_forward_loop(fp, forward_loop)
+        dev = _device(fp)
+        calib = dataclasses.replace(calib, x=calib.x.to(dev), t=calib.t.to(dev), labels=calib.labels.to(dev) if calib.labels is not None else None)
+    else:
+        calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
     t0 = time.perf_counter()
     qnet = wrap_model(fp.unet, config, run_once=example_forward(fp))
     qnet.to(_device(fp))  # new quantizer modules start on the CPU; calibrate where the model is

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ptqd import defaults
 from ptqd.checks import check_finite
 from ptqd.errors import PtqdError
 from ptqd.images import to_uint8
@@ -29,12 +30,12 @@ SCHEDULERS = ("ddim", "ddpm")
 class SamplerConfig:
     """How to sample. ``eta`` applies to DDIM only (DDPM is always stochastic)."""
 
-    scheduler: str = "ddim"
-    steps: int = 50
-    eta: float = 1.0
-    guidance: float = 1.0
-    seed: int = 0
-    batch_size: int = 250
+    scheduler: str = defaults.SCHEDULER
+    steps: int = defaults.STEPS
+    eta: float = defaults.ETA
+    guidance: float = 1.0  # the default for a model: defaults.guidance(model.conditional)
+    seed: int = defaults.SEED
+    batch_size: int = defaults.BATCH_SIZE
 
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:

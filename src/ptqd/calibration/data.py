@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ptqd import __version__
+from ptqd import __version__, defaults
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path
 from ptqd.models.loading import DiffusionModel
 from ptqd.sampling import SamplerConfig, make_scheduler, sample
 
-CALIB_SEED = 1000  # differs from the evaluation seeds (0, 1, 2, …): calibration never sees their noise
+CALIB_SEED = defaults.CALIB_SEED  # differs from the evaluation seeds (0, 1, 2, …): calibration never sees their noise
 
 
 @dataclass
@@ -129,3 +129,38 @@ def load_calibration(path: str | Path, model: DiffusionModel | None = None) -> C
             f"not {model.name} ({model.fingerprint()}); collect calibration data for this model"
         )
     return CalibrationSet(tensors["x"], tensors["t"], tensors.get("labels"), meta)
+
+
+@torch.no_grad()
+def record_forward_loop(model: DiffusionModel, forward_loop) -> CalibrationSet:
+    """Calibration inputs from a user's ``forward_loop(denoiser)`` (ModelOpt's convention): every call
+    it makes to the FP denoiser is recorded (sample, timestep, class labels) and becomes calibration data
+    as it was called (with guidance, both branches are whatever the loop passed)."""
+    xs, ts, ys = [], [], []
+
+    def pre(module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if x is None or t is None:
+            raise PtqdError("forward_loop called the denoiser without a sample and a timestep")
+        t = torch.as_tensor(t).reshape(-1).to(torch.long).cpu()
+        xs.append(x.detach().cpu().float())
+        ts.append(t.expand(len(x)).clone() if t.numel() == 1 else t)
+        y = kwargs.get("class_labels")
+        if y is not None:
+            ys.append(torch.as_tensor(y).reshape(-1).cpu())
+
+    handle = model.unet.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        forward_loop(model.unet)
+    finally:
+        handle.remove()
+    if not xs:
+        raise PtqdError("forward_loop never called the denoiser it was given: it must run it on representative inputs")
+    if ys and len(ys) != len(xs):
+        raise PtqdError("forward_loop passed class_labels on some calls only: pass them on every call of a class-conditional model")
+    meta = {
+        "model": model.name, "model_fingerprint": model.fingerprint(), "source": "forward_loop",
+        "num_inputs": int(sum(len(x) for x in xs)), "guidance": None, "ptqd": __version__,
+    }
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(ys) if ys else None, meta)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqd import defaults
 from ptqd.calibration.data import CalibrationSet
 from ptqd.checks import check_finite, first_nonfinite
 from ptqd.errors import PtqdError
@@ -40,10 +41,10 @@ class CalibrationOptions:
     (the official code uses 20k weight and 5k activation iterations on GPUs)."""
 
     method: str = "qdiff"
-    recon_samples: int = 1024  # network inputs used for block reconstruction
-    weight_iters: int = 200
-    act_iters: int = 100
-    batch_size: int = 32
+    recon_samples: int = defaults.RECON_SAMPLES  # network inputs used for block reconstruction
+    weight_iters: int = defaults.WEIGHT_ITERS
+    act_iters: int = defaults.ACT_ITERS
+    batch_size: int = defaults.RECON_BATCH
     weight_lr: float = 1e-2  # Adam on AdaRound's alpha
     act_lr: float = 1e-2  # Adam on step sizes, relative to each initial step size
     round_reg: float = 0.01  # AdaRound rounding regulariser weight

@@ -119,8 +119,18 @@ def refit(stats: NoiseStats, clamp_k: bool = True, mean_of: str = "error") -> No
 
 def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
     """The run's statistics for ``sampler``, checked against the run; a clear error when there are none."""
+    held = [s for s in ([run.stats] if not isinstance(run.stats, list) else run.stats) if s is not None]
+    for s in held:  # collected in this process (ptqd.quantize / ptqd.plan without a directory)
+        if stats_name_for(s) == stats_name(sampler, run.base.conditional):
+            check_stats(s, expected_meta(run, sampler))
+            return s
     if run.path is None:
-        raise PtqdError("the run has no directory to hold noise statistics; quantize with --out DIR")
+        g = f", guidance {sampler.guidance:g}" if run.base.conditional else ""
+        raise PtqdError(
+            f"no noise statistics for {sampler.scheduler} {sampler.steps} steps, eta {sampler.eta:g}{g} in this quantized "
+            "model (held: " + (", ".join(stats_name_for(s) for s in held) or "none") + "); collect them with "
+            "ptqd.plan(model, sampler, collect=True)"
+        )
     path = Path(run.path) / stats_name(sampler, run.base.conditional)
     if not path.is_file():
         found = sorted(p.name for p in Path(run.path).glob("noise_stats_*.safetensors"))
@@ -139,6 +149,13 @@ def find_stats(run, sampler: SamplerConfig) -> NoiseStats:
     stats = load_stats(path)
     check_stats(stats, expected_meta(run, sampler))
     return stats
+
+
+def stats_name_for(stats: NoiseStats) -> str:
+    """The file name statistics of this sampler setting have in a run directory."""
+    m = stats.meta
+    sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
+    return stats_name(sampler, m.get("guidance") is not None)
 
 
 def schedule_for(run, stats: NoiseStats, sampler: SamplerConfig, candidates=None, criterion=DEFAULT_CRITERION, low_steps=None) -> dict[int, int]:

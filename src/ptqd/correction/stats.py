@@ -28,14 +28,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ptqd import __version__
+from ptqd import __version__, defaults
 from ptqd.checks import check_finite
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
 from ptqd.models.loading import DiffusionModel
 from ptqd.sampling import SamplerConfig, default_labels, make_scheduler, trajectories
 
-STATS_SEED = 2000  # differs from calibration (1000) and evaluation seeds (0, 1, 2, …)
+STATS_SEED = defaults.NOISE_SEED  # differs from calibration (1000) and evaluation seeds (0, 1, 2, …)
 MOMENTS = ("s_e", "s_d", "s_ee", "s_dd", "s_ed")  # per sample, over all elements
 MEAN_OF = ("error", "residual")
 # metadata that must agree between statistics and the sampling run that uses them

@@ -303,6 +303,20 @@ def _load_dir(path: Path, name: str) -> DiffusionModel:
         info["variance_note"] = f"variance_type {scheduler_config['variance_type']} replaced by fixed_small; the learned variance is not used"
         scheduler_config = {**scheduler_config, "variance_type": "fixed_small"}
 
+    model = _describe(net, cls_name, scheduler_config, name, path, info)
+    if cls_name == "UNet2DConditionModel":
+        _setup_context(model, path, comps)
+    dec = next((k for k in DECODER_KEYS if k in comps), None)
+    if dec is not None:
+        vae = _load_component(path, dec, *comps[dec])
+        model.decoder = LatentDecoder(vae, getattr(vae.config, "scaling_factor", None) or 1.0)
+    return model
+
+
+def _describe(net: nn.Module, cls_name: str, scheduler_config: dict[str, Any], name: str, path: Path | None,
+              info: dict[str, Any]) -> DiffusionModel:
+    """A DiffusionModel around denoiser ``net`` (its conditioning from its config; cross-attention
+    conditioning is set up by the caller)."""
     cfg = net.config
     size = cfg.sample_size
     model = DiffusionModel(
@@ -313,14 +327,35 @@ def _load_dir(path: Path, name: str) -> DiffusionModel:
         n_embeds = cfg.num_class_embeds
         model.num_classes = int(info.get("num_classes", (n_embeds - 1) if n_embeds else 0))
         model.null_class = info.get("null_class", (n_embeds - 1) if n_embeds else None)
-    elif cls_name == "UNet2DConditionModel":
-        _setup_context(model, path, comps)
-    else:
+    elif cls_name != "UNet2DConditionModel":
         _setup_dit(model, cls_name, info)
-    dec = next((k for k in DECODER_KEYS if k in comps), None)
-    if dec is not None:
-        vae = _load_component(path, dec, *comps[dec])
-        model.decoder = LatentDecoder(vae, getattr(vae.config, "scaling_factor", None) or 1.0)
+    return model
+
+
+def from_components(denoiser: nn.Module, scheduler, name: str | None = None, decoder: nn.Module | None = None,
+                    path: str | Path | None = None) -> DiffusionModel:
+    """A DiffusionModel from in-memory diffusers components: a denoiser (``UNet2DModel`` or a DiT
+    transformer; the null class is the last row of its class table), its scheduler (or scheduler
+    config) and, for latent models, the VQModel/AutoencoderKL whose decoder makes the images."""
+    cls_name = type(denoiser).__name__
+    if cls_name not in DENOISERS:
+        raise PtqdError(f"denoiser {cls_name} is not supported; ptqd supports {', '.join(DENOISERS)}")
+    if cls_name == "UNet2DConditionModel":
+        raise PtqdError(
+            "in memory, ptqd takes UNet2DModel and DiT denoisers; for a text-to-image (UNet2DConditionModel) pipeline "
+            "save it with save_pretrained and use ptqd.models.load(DIR, prompts=[...])"
+        )
+    config = scheduler if isinstance(scheduler, dict) else dict(getattr(scheduler, "config", {}) or {})
+    if not config:
+        raise PtqdError(f"give the denoiser's scheduler (or its config), got {type(scheduler).__name__}")
+    if str(config.get("variance_type", "")).startswith("learned"):
+        config = {**config, "variance_type": "fixed_small"}
+    given = getattr(denoiser.config, "_name_or_path", None)
+    name = name or (Path(given).name if given else cls_name)
+    denoiser.eval().requires_grad_(False)
+    model = _describe(denoiser, cls_name, config, name, Path(path) if path else None, {})
+    if decoder is not None:
+        model.decoder = LatentDecoder(decoder, getattr(decoder.config, "scaling_factor", None) or 1.0)
     return model
 
 

@@ -1,0 +1,44 @@
+"""Every default of ptqd in one place: the library's signatures and the command line read them here.
+
+Sampling: DDIM, 50 steps, eta 1, classifier-free guidance 3 for conditional models (1 otherwise),
+seed 0. Calibration: 256 FP trajectories × 10 kept steps (seed 1000, never an evaluation seed),
+1024 reconstruction inputs, 200 AdaRound and 100 step-size iterations per block, batch 32. Noise
+statistics: 256 trajectories, seed 2000. Presets: ``default`` (those) and ``quick`` (about a minute
+on the bundled model on 2 CPU cores).
+"""
+
+SCHEDULER = "ddim"
+STEPS = 50
+ETA = 1.0
+GUIDANCE = 3.0  # conditional models; unconditional ones have no guidance (1.0)
+SEED = 0
+BATCH_SIZE = 250
+NUM_SAMPLES = 1000
+CHUNK_SIZE = 1000
+
+CALIB_SAMPLES = 256
+CALIB_STEPS = 10
+CALIB_SEED = 1000
+RECON_SAMPLES = 1024
+WEIGHT_ITERS = 200
+ACT_ITERS = 100
+RECON_BATCH = 32
+
+NOISE_SAMPLES = 256
+NOISE_SEED = 2000
+
+PRESETS = {
+    "default": {
+        "options": {"recon_samples": RECON_SAMPLES, "weight_iters": WEIGHT_ITERS, "act_iters": ACT_ITERS, "batch_size": RECON_BATCH},
+        "calib_samples": CALIB_SAMPLES, "calib_steps": CALIB_STEPS, "noise_samples": NOISE_SAMPLES,
+    },
+    "quick": {
+        "options": {"recon_samples": 128, "weight_iters": 20, "act_iters": 10, "batch_size": 16},
+        "calib_samples": 32, "calib_steps": 5, "noise_samples": 32,
+    },
+}
+
+
+def guidance(conditional: bool) -> float:
+    """The default guidance scale: GUIDANCE for conditional models, 1 (none) otherwise."""
+    return GUIDANCE if conditional else 1.0
