@@ -347,10 +347,13 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         if ctx.main:
             print(f"{args.num} images in {path} (config: {path.with_suffix('.json')})")
         return
-    samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
-    if plan is not None:
-        samples.config.update(plan.record)
-    path = save_samples(samples, args.out)
+    from ptqd.locks import output_lock
+
+    with output_lock(args.out, "samples file"):
+        samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
+        if plan is not None:
+            samples.config.update(plan.record)
+        path = save_samples(samples, args.out)
     print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from ptqd import __version__
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, check_output, dir_with, write_json
+from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor, QuantLayer
 from ptqd.quant.quantizer import PASS_BITS, QuantSpec, qrange
@@ -114,6 +115,7 @@ def runs_integer(m: QuantLayer) -> bool:
 # ------------------------------------------------------------------------------------------ export
 
 
+@holds_lock("out", "checkpoint directory")
 def export(run, out: str | Path, progress: bool = True, overwrite: bool = False) -> Path:
     """Write the checkpoint of ``run`` (a :class:`ptqd.runs.QuantizedRun` or a run directory) to ``out``.
 
