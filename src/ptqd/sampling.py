@@ -167,7 +167,7 @@ def sample_record(model: DiffusionModel, num: int, config: SamplerConfig, correc
     if model.prompts is not None:
         record["prompts"] = model.prompts
     if corrector is not None:
-        record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
+        record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta, make_scheduler(model, config.scheduler, config.steps))}
     return record
 
 

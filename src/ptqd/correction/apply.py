@@ -33,6 +33,7 @@ from ptqd.correction.stats import (
     stats_name,
 )
 from ptqd.errors import PtqdError
+from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.wrap import current_act_bits, quant_state, set_act_bits
 from ptqd.sampling import SamplerConfig, make_scheduler
@@ -72,6 +73,7 @@ def expected_meta(run, sampler: SamplerConfig) -> dict[str, Any]:
     }
 
 
+@holds_lock("out", "run directory")
 def collect_stats(run, request: StatsRequest, out: str | Path | None = None, progress: bool = True) -> NoiseStats:
     """Algorithm 1 on ``run``: FP trajectories of ``request.sampler``, the quantized twin evaluated on
     the same inputs at every step for each activation bit-width; fitted and (with ``out``, a run
@@ -244,7 +246,7 @@ def plan_sampling(
     corrector = None
     if parts:
         corrector = Corrector(stats, parts, bits_at=schedule)
-        record["notes"] = corrector.notes(sampler.scheduler, sampler.eta)
+        record["notes"] = corrector.notes(sampler.scheduler, sampler.eta, make_scheduler(fp, sampler.scheduler, sampler.steps))
     return SamplingPlan(model, denoise, corrector, record)
 
 
