@@ -467,7 +467,7 @@ def _quantize(args: argparse.Namespace) -> None:
     run = quantize(
         model, config, args.method, options, args.calib_samples, args.calib_steps, sampler, args.calib_seed,
         out=args.out, progress=not args.no_progress, noise_samples=args.noise_samples, noise_seed=args.noise_seed,
-        mixed_precision=args.mixed_precision, overwrite=args.overwrite,
+        mixed_precision=args.mixed_precision, overwrite=args.overwrite, stages=True,
     )
     s = run.summary
     row = {
@@ -509,9 +509,17 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
         batch_size=args.batch_size,
     )
     seed = args.seed if args.seed is not None else ptqd_cfg.get("noise_seed", 2000)
+    if args.noise_samples is not None:
+        num, source = args.noise_samples, "--noise-samples"
+    elif ptqd_cfg.get("noise_samples"):
+        num, source = ptqd_cfg["noise_samples"], "the run's recorded --noise-samples"
+    else:
+        num, source = 256, "the default; the run records no --noise-samples"
+    if ctx.main:
+        print(f"noise statistics from {num} trajectories ({source})")
     request = StatsRequest(
         sampler=dataclasses.replace(sampler, seed=seed),
-        num_samples=args.noise_samples or ptqd_cfg.get("noise_samples") or 256,
+        num_samples=num,
         bits=args.act_bits or [],
         seed=seed,
         clamp_k=not args.keep_negative_k,

@@ -141,6 +141,7 @@ def quantize(
     noise_seed: int | None = None,
     mixed_precision: list[int] | None = None,
     overwrite: bool = False,
+    stages: bool = False,
 ) -> QuantizedRun:
     """Quantize ``model`` and calibrate it with ``method``; write a run directory when ``out`` is given.
 
@@ -152,6 +153,8 @@ def quantize(
     the run directory; with
     ``mixed_precision`` (e.g. [4, 8]) the activations are calibrated and the statistics collected for
     each of those bit-widths, and sampling picks one per step.
+
+    ``stages``: print one line as each stage ends (the CLI does, so ``--no-progress`` still shows them).
 
     Settings and ``out`` are checked before any work: ``out`` must be a new or empty directory, or
     a run directory (``config.json`` with a ``ptqd`` key, or the calibration data of an interrupted
@@ -217,17 +220,28 @@ def quantize(
             _ptqd_stats(done, sampler, ptqd_cfg, out, progress)
             return done
 
-    calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
     t0 = time.perf_counter()
+    calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
+    t_data = time.perf_counter() - t0
+    if stages:
+        print(f"quantize: calibration data ready: {len(calib.x)} network inputs from {calib_samples} trajectories ({t_data:.1f} s)", flush=True)
     qnet = wrap_model(fp.unet, config, run_once=example_forward(fp))
     qnet.to(_device(fp))  # new quantizer modules start on the CPU; calibrate where the model is
     summary = calibrate(fp, qnet, calib, options, progress=progress)
-    summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)
+    summary["seconds"]["calibration_data"] = round(t_data, 2)
+    summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)  # calibration data included
+    if stages:
+        print(f"quantize: {options.method} calibration done ({time.perf_counter() - t0 - t_data:.1f} s)", flush=True)
     summary.update(measure(fp, qnet))
     run = QuantizedRun(fp, qnet, run_config, out, summary)
     if out is not None:
         save_run(run, out)
+        if stages:
+            print(f"quantize: wrote {out}", flush=True)
+    t1 = time.perf_counter()
     _ptqd_stats(run, sampler, ptqd_cfg, out, progress)
+    if stages and run.stats is not None:
+        print(f"quantize: noise statistics of {ptqd_cfg['noise_samples']} trajectories done ({time.perf_counter() - t1:.1f} s)", flush=True)
     return run
 
 
