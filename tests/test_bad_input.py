@@ -477,3 +477,106 @@ def test_nan_statistics_refused():
     m["s_ed"][0, 1, 2] = np.nan
     with pytest.raises(PtqdError, match=r"not finite at step 2/3 \(t=20\) for 4-bit"):
         fit(NoiseMoments([4], [30, 20, 10], 16, 1, m))
+
+
+# ------------------------------------------------------------------ locks, determinism, integrity, honest records
+
+
+def _hold_lock(path: Path):
+    """A second process holding the output lock of ``path`` until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from ptqd.locks import output_lock\n"
+            f"with output_lock({str(path)!r}):\n    print('held', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": str(Path(ptqd.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_refused(work, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    holder = _hold_lock(out)
+    try:
+        for argv in ([*SAMPLE, "--out", str(out)], [*SAMPLE, "--num", "3", "--chunk-size", "2", "--out", str(out)]):
+            assert main(argv) == 2
+            assert "being written by another ptqd process" in capsys.readouterr().err
+        assert not out.exists() and not out.with_suffix(".shards").exists()  # no orphan OUT.shards/
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main([*SAMPLE, "--num", "3", "--chunk-size", "2", "--out", str(out)]) == 0  # the lock died with its process
+    assert out.is_file() and not out.with_suffix(".shards").exists()
+    run = tmp_path / "r"
+    holder = _hold_lock(run)
+    try:
+        assert main([*QUANT, "--out", str(run)]) == 2
+        assert main(["export", str(work / "run"), "--out", str(run)]) == 2
+        assert "being written by another ptqd process" in capsys.readouterr().err
+        assert not run.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_chunked_equals_unchunked_for_quantized_run(work, tmp_path):
+    """Chunk size 3 with batch size 2: chunks are widened to 4, so every batch is the one-process batch."""
+    run = tmp_path / "w4"
+    assert main([*QUANT, "--weight-bits", "4", "--act-bits", "4", "--out", str(run)]) == 0
+    base = ["sample", str(run), "--num", "5", "--steps", "2", "--batch-size", "2", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "one.npz")]) == 0
+    assert main([*base, "--chunk-size", "3", "--out", str(tmp_path / "chunked.npz")]) == 0
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "chunked.npz")
+    assert np.array_equal(a["images"], b["images"])
+
+
+def test_vsc_zero_noise_keeps_generators_in_step():
+    from ptqd.correction import Corrector
+    from ptqd.correction.stats import NoiseStats
+    from ptqd.models import load
+    from ptqd.sampling import make_scheduler, sample_generators
+
+    model = load("digits16-cond")
+    sched = make_scheduler(model, "ddim", 4)
+    steps = [int(t) for t in sched.timesteps]
+    z = np.zeros((1, len(steps)))
+    stats = NoiseStats({"clamp_k": True}, [8], steps, z, z, np.zeros((1, len(steps), 1)), np.full((1, len(steps)), 100.0), z, z[0], z)
+    corrector = Corrector(stats, "all")
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    g1, g2 = sample_generators(0, range(2)), sample_generators(0, range(2))
+    t = sched.timesteps[1]
+    corrector.step(sched, eps, t, x, g1, eta=1.0)
+    assert corrector.log[-1]["sigma_vsc"] == 0.0  # VSC shrank this step's noise to zero
+    make_scheduler(model, "ddim", 4).step(eps, t, x, eta=1.0, generator=g2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a.get_state(), b.get_state())
+    notes = corrector.notes("ddim", 1.0, make_scheduler(model, "ddim", 4))
+    assert any("cnc is a no-op" in n for n in notes)
+    assert any("shrinks the sampler noise to 0 on" in n for n in notes)
+    clipped = make_scheduler(model, "ddim", 4)
+    clipped.register_to_config(clip_sample=True)
+    assert any("clip_sample: true" in n for n in corrector.notes("ddim", 1.0, clipped))
+
+
+def test_run_records_and_old_runs(work, tmp_path, capsys):
+    """Strict JSON summary with the data-sampling time, stage lines with --no-progress, an old run (no
+    integrity.json) still loads, and export replaces a checkpoint whole."""
+    run = tmp_path / "r"
+    capsys.readouterr()
+    assert main([*QUANT, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "calibration data ready" in out and "naive calibration done" in out
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    secs = summary["seconds"]
+    assert secs["total_calibration"] >= secs["calibration_data"] > 0
+    assert json.loads((run / "integrity.json").read_text())["files"].keys() >= {"config.json", "quant_state.safetensors", "summary.json"}
+    ck = tmp_path / "c.ptqd"
+    assert main(["export", str(run), "--out", str(ck)]) == 0
+    (ck / "noise_stats_stale.safetensors").write_text("from an earlier export")
+    assert main(["export", str(run), "--out", str(ck)]) == 0
+    assert not (ck / "noise_stats_stale.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.ptqd")]  # no temporary directory left
+    (run / "integrity.json").unlink()
+    assert main([*SAMPLE[:1], str(run), *SAMPLE[5:], "--out", str(tmp_path / "s.npz")]) == 0

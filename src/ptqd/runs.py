@@ -498,8 +498,9 @@ def read_quant_state(state_file: Path, config: dict[str, Any], qnet: nn.Module) 
                 raise PtqdError(f"{state_file}: tensor {name + f'.scale_{b}'!r} must be one positive number, "
                                 f"got shape {tuple(scale.shape)}; {fix}")
         zp = get(f"{name}.zero_point")
-        if zp.numel() != 1:
-            raise PtqdError(f"{state_file}: tensor {name + '.zero_point'!r} must be one number, got shape {tuple(zp.shape)}; {fix}")
+        if tuple(zp.shape) != (len(aq.bit_options),):
+            raise PtqdError(f"{state_file}: tensor {name + '.zero_point'!r} must hold one number per bit-width "
+                            f"({len(aq.bit_options)}), got shape {tuple(zp.shape)}; {fix}")
     return state
 
 
