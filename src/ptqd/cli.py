@@ -28,14 +28,51 @@ KEPT = {
 }
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# help of options that several commands share (by destination)
+COMMON_HELP = {
+    "no_progress": "no progress bars (long commands still print one line per stage)",
+    "scheduler": "sampler: ddim or ddpm",
+    "steps": "sampler steps",
+    "eta": "DDIM eta (0: deterministic, 1: as stochastic as DDPM)",
+    "seed": "seed of the samples' noise (sample i draws from a generator seeded by (seed, i))",
+    "batch_size": "images per batch (quantized results depend on it at the 1e-7 level: compare runs of one batch size)",
+    "device": "torch device (cpu, cuda, …)",
+    "overwrite": "write over an existing output that ptqd did not write (by default it is refused)",
+}
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every option gets a help text (shared ones from COMMON_HELP); one without is a bug caught here."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                _finish(sp)
+        elif action.help is None:
+            if action.dest not in COMMON_HELP:
+                raise RuntimeError(f"option {action.option_strings or action.dest} of `{parser.prog}` has no help text")
+            action.help = COMMON_HELP[action.dest]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptqd", description="Post-training quantization of diffusion models (PTQD).")
+    from ptqd import defaults as D
+
+    p = argparse.ArgumentParser(prog="ptqd", description="Post-training quantization of diffusion models (PTQD).", formatter_class=_Help)
     p.add_argument("--debug", action="store_true", help="show the Python traceback of unexpected errors (and of Ctrl-C)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("models", help="list the bundled models")
+    sub.add_parser("models", help="list the bundled models", formatter_class=_Help)
 
-    s = sub.add_parser("sample", help="generate images and save them as .npz")
+    s = sub.add_parser(formatter_class=_Help, name="sample", help="generate images and save them as .npz")
     s.add_argument(
         "run", nargs="?", type=Path, default=None,
         help="quantization run directory (from `ptqd quantize`) or exported checkpoint (from `ptqd export`)",
@@ -44,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=["int", "fake"], default=None,
         help="for an exported checkpoint: int = integer kernels (default), fake = simulated quantization",
     )
-    s.add_argument("--model", default=None, help="bundled model name, diffusers pipeline directory or cached hub id (full precision)")
+    s.add_argument(
+        "--model", default=None,
+        help="bundled model name, diffusers pipeline directory or cached hub id (full precision); with RUN: where the "
+        "run's FP model is now, if it moved (accepted when its weights match the run's)",
+    )
     s.add_argument("--prompts", type=Path, default=None, help="text-to-image models: prompts file, one per line (default for a run: its calibration prompts)")
     s.add_argument(
         "--act-bits", default=None,
@@ -58,102 +99,117 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
     s.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
     s.add_argument(
-        "--num", "--num-samples", dest="num", type=int, default=1000,
-        help="number of images (default 1000); under torchrun spell it --num-samples (torchrun mistakes --num for its --numa-binding)",
+        "--num", "--num-samples", dest="num", type=int, default=D.NUM_SAMPLES,
+        help=f"number of images (default {D.NUM_SAMPLES}); under torchrun spell it --num-samples (torchrun mistakes --num for its --numa-binding)",
     )
-    s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--scheduler", choices=["ddim", "ddpm"], default=D.SCHEDULER)
+    s.add_argument("--steps", type=int, default=D.STEPS)
+    s.add_argument("--eta", type=float, default=D.ETA)
     s.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: a run's calibration guidance, else 1)"
+        "--guidance", type=float, default=None,
+        help=f"classifier-free guidance scale (default: a run's calibration guidance; a conditional FP model {D.GUIDANCE:g})",
+    )
+    s.add_argument(
+        "--collect-stats", action="store_true",
+        help="a run without noise statistics for this sampler collects them first (else it stops before any work, "
+        "naming the `ptqd stats` command)",
     )
     s.add_argument("--labels", type=_labels, default=None, help="class labels, cycled (default 0..9 cycled)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--seed", type=int, default=D.SEED)
+    s.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     s.add_argument("--out", type=Path, required=True, help="output .npz (a .json with the config is written beside it)")
     s.add_argument(
-        "--chunk-size", type=int, default=1000,
+        "--chunk-size", type=int, default=D.CHUNK_SIZE,
         help="runs larger than this (or under torchrun) are made in chunks of this many images in OUT.shards/, resumable",
     )
     s.add_argument("--keep-chunks", action="store_true", help="keep OUT.shards/ after merging")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--no-progress", action="store_true")
 
-    q = sub.add_parser("quantize", help="quantize a model and calibrate it; writes a run directory")
+    q = sub.add_parser(formatter_class=_Help, name="quantize", help="quantize a model and calibrate it; writes a run directory")
     q.add_argument("--model", required=True, help="bundled model name, diffusers pipeline directory or cached hub id")
     q.add_argument("--prompts", type=Path, default=None, help="text-to-image models: prompts file (one per line) for calibration and statistics")
-    q.add_argument("--weight-bits", type=int, default=8)
-    q.add_argument("--act-bits", type=int, default=8)
+    q.add_argument("--weight-bits", type=int, default=8, help="weight bit-width (2-8; 16: float)")
+    q.add_argument("--act-bits", type=int, default=8, help="activation bit-width (2-8; 16: float)")
     q.add_argument("--extra-act-bits", type=_labels, default=[], help="more activation bit-widths to calibrate, e.g. 4")
     q.add_argument("--softmax-bits", type=int, default=8, help="bit-width of the attention softmax output")
     q.add_argument(
         "--method", choices=["naive", "qdiff", "ptqd"], default="qdiff",
         help="naive: min-max ranges; qdiff: Q-Diffusion calibration; ptqd: qdiff + noise statistics for correction",
     )
-    q.add_argument("--noise-samples", type=int, default=256, help="FP trajectories for the noise statistics (ptqd; 0: collect later with `ptqd stats`)")
-    q.add_argument("--noise-seed", type=int, default=2000, help="seed of the noise-statistics trajectories (ptqd)")
+    q.add_argument(
+        "--preset", choices=sorted(D.PRESETS), default="default",
+        help="calibration sizes: default (the settings ptqd's results use), quick (about a minute on the bundled model "
+        "on 2 CPU cores); the options below override single values",
+    )
+    q.add_argument("--quick", action="store_true", help="same as --preset quick")
+    q.add_argument(
+        "--noise-samples", type=int, default=None,
+        help=f"FP trajectories for the noise statistics (ptqd; 0: collect later with `ptqd stats`; default: the preset's, {D.NOISE_SAMPLES})",
+    )
+    q.add_argument("--noise-seed", type=int, default=D.NOISE_SEED, help="seed of the noise-statistics trajectories (ptqd)")
     q.add_argument(
         "--mixed-precision", type=_labels, default=None, metavar="BITS",
         help="activation bit-widths to choose from per step, e.g. 4,8 (ptqd)",
     )
     q.add_argument("--weight-scale", choices=["minmax", "mse", "percentile"], default=None, help="default: naive minmax, qdiff mse")
     q.add_argument("--act-scale", choices=["minmax", "mse", "percentile"], default=None, help="default: naive minmax, qdiff mse")
-    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--percentile", type=float, default=99.99, help="clipping percentile of the percentile scale method")
     q.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per layer (default: per output channel)")
-    q.add_argument("--symmetric-weights", action="store_true")
-    q.add_argument("--symmetric-acts", action="store_true")
+    q.add_argument("--symmetric-weights", action="store_true", help="symmetric weight grids (default: asymmetric, with zero points)")
+    q.add_argument("--symmetric-acts", action="store_true", help="symmetric activation grids (default: asymmetric)")
     q.add_argument("--first-last-bits", type=int, default=8, help="bit-width floor of the first and last layer (0: no exception)")
     q.add_argument("--eight-bit", nargs="*", default=[], metavar="LAYER", help="more layers (name patterns) kept at 8 bit")
     q.add_argument("--keep-float", nargs="*", default=[], metavar="LAYER", help="layers (name patterns) left unquantized")
     q.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in float")
     q.add_argument("--no-split-shortcut", action="store_true", help="one quantizer for skip-concatenation inputs")
-    q.add_argument("--calib-samples", type=int, default=256, help="FP sampling trajectories for calibration data")
-    q.add_argument("--calib-steps", type=int, default=10, help="evenly spaced sampler steps kept per trajectory")
-    q.add_argument("--calib-seed", type=int, default=1000)
-    q.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler of the calibration trajectories")
-    q.add_argument("--steps", type=int, default=50)
-    q.add_argument("--eta", type=float, default=1.0)
-    q.add_argument("--guidance", type=float, default=None, help="default 3.0 for conditional models")
-    q.add_argument("--recon-samples", type=int, default=1024, help="network inputs used for block reconstruction")
-    q.add_argument("--weight-iters", type=int, default=200, help="AdaRound iterations per block (qdiff)")
-    q.add_argument("--act-iters", type=int, default=100, help="step-size learning iterations per block and bit-width (qdiff)")
-    q.add_argument("--recon-batch", type=int, default=32)
+    q.add_argument("--calib-samples", type=int, default=None, help=f"FP sampling trajectories for calibration data (default: the preset's, {D.CALIB_SAMPLES})")
+    q.add_argument("--calib-steps", type=int, default=None, help=f"evenly spaced sampler steps kept per trajectory (default: the preset's, {D.CALIB_STEPS})")
+    q.add_argument("--calib-seed", type=int, default=D.CALIB_SEED, help="seed of the calibration trajectories (never an evaluation seed)")
+    q.add_argument("--scheduler", choices=["ddim", "ddpm"], default=D.SCHEDULER, help="sampler of the calibration and statistics trajectories")
+    q.add_argument("--steps", type=int, default=D.STEPS, help="sampler steps of the calibration and statistics trajectories")
+    q.add_argument("--eta", type=float, default=D.ETA, help="DDIM eta of the calibration and statistics trajectories")
+    q.add_argument("--guidance", type=float, default=None, help=f"guidance of the trajectories (default {D.GUIDANCE:g} for conditional models)")
+    q.add_argument("--recon-samples", type=int, default=None, help=f"network inputs used for block reconstruction (default: the preset's, {D.RECON_SAMPLES})")
+    q.add_argument("--weight-iters", type=int, default=None, help=f"AdaRound iterations per block (qdiff; default: the preset's, {D.WEIGHT_ITERS})")
+    q.add_argument("--act-iters", type=int, default=None, help=f"step-size learning iterations per block and bit-width (qdiff; default: the preset's, {D.ACT_ITERS})")
+    q.add_argument("--recon-batch", type=int, default=None, help=f"minibatch of the reconstruction (default: the preset's, {D.RECON_BATCH})")
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
     q.add_argument("--device", default="cpu", help="torch device to calibrate on (cpu, cuda, …); the run directory loads anywhere")
     q.add_argument("--out", type=Path, required=True, help="run directory")
     q.add_argument("--overwrite", action="store_true", help="write into an existing directory that is not a ptqd run")
     q.add_argument("--no-progress", action="store_true")
 
-    st = sub.add_parser("stats", help="collect PTQD noise statistics of a run for a sampler setting")
+    st = sub.add_parser(formatter_class=_Help, name="stats", help="collect PTQD noise statistics of a run for a sampler setting")
     st.add_argument("run", type=Path, help="quantization run directory")
     st.add_argument("--scheduler", choices=["ddim", "ddpm"], default=None, help="default: the run's calibration sampler")
-    st.add_argument("--steps", type=int, default=None)
-    st.add_argument("--eta", type=float, default=None)
-    st.add_argument("--guidance", type=float, default=None)
+    st.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's calibration sampler)")
+    st.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's calibration sampler)")
+    st.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's calibration sampler)")
     st.add_argument("--act-bits", type=_labels, default=None, help="bit-widths to collect for (default: all calibrated)")
-    st.add_argument("--noise-samples", type=int, default=None, help="default: the run's, else 256")
-    st.add_argument("--seed", type=int, default=None, help="default: the run's noise seed, else 2000")
+    st.add_argument("--noise-samples", type=int, default=None, help=f"FP trajectories (default: the run's, else {D.NOISE_SAMPLES})")
+    st.add_argument("--seed", type=int, default=None, help=f"seed of the trajectories (default: the run's noise seed, else {D.NOISE_SEED})")
     st.add_argument("--keep-negative-k", action="store_true", help="do not clamp k_t at 0")
     st.add_argument("--mean-of", choices=["error", "residual"], default="error", help="what μ_t averages (official: error)")
-    st.add_argument("--batch-size", type=int, default=250)
+    st.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     st.add_argument("--device", default="cpu")
     st.add_argument("--no-progress", action="store_true")
 
-    x = sub.add_parser("export", help="write a quantization run as a packed integer checkpoint (no FP weights needed to load)")
+    x = sub.add_parser(formatter_class=_Help, name="export", help="write a quantization run as a packed integer checkpoint (no FP weights needed to load)")
     x.add_argument("run", type=Path, help="quantization run directory")
     x.add_argument("--out", type=Path, required=True, help="checkpoint directory, e.g. model.ptqd")
     x.add_argument("--overwrite", action="store_true", help="write into an existing directory that is not a ptqd checkpoint")
 
-    r = sub.add_parser("report", help="plots and a markdown summary of a run's noise statistics")
-    r.add_argument("run", type=Path)
+    r = sub.add_parser(formatter_class=_Help, name="report", help="plots and a markdown summary of a run's noise statistics")
+    r.add_argument("run", type=Path, help="quantization run directory")
     r.add_argument("--out", type=Path, default=None, help="directory for report.md and PNGs (default: RUN/report)")
 
-    c = sub.add_parser("compare", help="tabulate several runs (and samples .npz files) side by side")
+    c = sub.add_parser(formatter_class=_Help, name="compare", help="tabulate several runs (and samples .npz files) side by side")
     c.add_argument("paths", type=Path, nargs="+", help="run directories and/or samples .npz files")
     c.add_argument("--out", type=Path, default=None, help="also write OUT.md (table + FD-vs-BOPs plot) and OUT.json")
 
-    e = sub.add_parser("evaluate", help="sample-quality metrics of a samples .npz")
-    e.add_argument("samples", type=Path)
+    e = sub.add_parser(formatter_class=_Help, name="evaluate", help="sample-quality metrics of a samples .npz")
+    e.add_argument("samples", type=Path, help="samples .npz (from `ptqd sample`)")
     e.add_argument(
         "--evaluator", choices=["digits", "inception"], default="digits",
         help="digits: the bundled digit classifier (offline); inception: FID/sFID/IS/precision/recall as the ADM evaluator",
@@ -177,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     e.add_argument("--no-progress", action="store_true")
 
-    rf = sub.add_parser("reference", help="build an Inception reference batch (.npz, ADM format) from real images")
+    rf = sub.add_parser(formatter_class=_Help, name="reference", help="build an Inception reference batch (.npz, ADM format) from real images")
     rf.add_argument("images", type=Path, help=".npz with images (or ADM's arr_0), or a directory of image files of one size")
     rf.add_argument("--out", type=Path, required=True, help="reference .npz")
     rf.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
@@ -186,20 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--batch-size", type=int, default=100)
     rf.add_argument("--no-progress", action="store_true")
 
-    c = sub.add_parser("convert-ldm", help="convert an original CompVis class-conditional LDM checkpoint (e.g. cin256-v2)")
+    c = sub.add_parser(formatter_class=_Help, name="convert-ldm", help="convert an original CompVis class-conditional LDM checkpoint (e.g. cin256-v2)")
     c.add_argument("checkpoint", type=Path, help="the original .ckpt (or .safetensors)")
     c.add_argument("--config", type=Path, required=True, help="its original YAML config, e.g. configs/latent-diffusion/cin256-v2.yaml")
     c.add_argument("--out", type=Path, required=True, help="model directory to write (use it as --model)")
     c.add_argument("--null-class", type=int, default=None, help="the unconditional class id (default: the last row of the class table)")
 
-    d = sub.add_parser("demo", help="FP32 vs naive, Q-Diffusion and PTQD at W4A8 and W4A4 on the bundled model: table + report.md")
-    d.add_argument("--out", type=Path, default=Path("demo_out"))
+    d = sub.add_parser(formatter_class=_Help, name="demo", help="FP32 vs naive, Q-Diffusion and PTQD at W4A8 and W4A4 on the bundled model: table + report.md")
+    d.add_argument("--out", type=Path, default=Path("demo_out"), help="directory for the runs, samples, report.md and plots")
     d.add_argument("--quick", action="store_true", help="a one-minute version (few images, few steps, short calibration)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--num", type=int, default=None, help="images per method (default 200; --quick 40)")
     d.add_argument("--no-progress", action="store_true")
     for command in sub.choices.values():  # --debug after the command name works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _finish(p)
     return p
 
 
@@ -296,8 +353,8 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
     from ptqd.runs import load_run
     from ptqd.sampling import SamplerConfig, check_samples_output, sample, save_samples
 
-    if (args.run is None) == (args.model is None):
-        raise PtqdError("give either a run directory (ptqd sample RUN) or --model NAME, not both or neither")
+    if args.run is None and args.model is None:
+        raise PtqdError("give a run directory or checkpoint (ptqd sample RUN), or a full-precision model (--model NAME)")
     check_samples_output(args.out, args.overwrite)
     if args.guidance is not None:
         SamplerConfig(guidance=args.guidance).validate()
@@ -309,11 +366,13 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         from ptqd.runtime import is_checkpoint, load_checkpoint
 
         if is_checkpoint(args.run):
+            if args.model is not None:
+                raise PtqdError("an exported checkpoint holds its model: --model applies to run directories (a moved FP model)")
             run = load_checkpoint(args.run, backend=args.backend or "int")
         elif args.backend is not None:
             raise PtqdError(f"--backend needs an exported checkpoint (`ptqd export {args.run} --out DIR`), not a run directory")
         else:
-            run = load_run(args.run)
+            run = load_run(args.run, model=load(args.model) if args.model is not None else None)
         if args.prompts is not None:
             run.base = run.base.with_prompts(read_prompts(args.prompts))
         run.to(device)
@@ -322,6 +381,11 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
         correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
         from ptqd.correction import DEFAULT_CRITERION
+
+        if args.collect_stats:
+            from ptqd.runs import ensure_stats
+
+            ensure_stats(run, config, correct, args.act_bits, progress=not args.no_progress and ctx.main)
 
         plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
         model = plan.model
@@ -335,8 +399,13 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
     else:
         if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion or args.backend:
             raise PtqdError("--act-bits, --correct, --low-bit-steps, --criterion and --backend need a quantization run or checkpoint")
+        if args.collect_stats:
+            raise PtqdError("--collect-stats needs a quantization run directory")
         model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(device)
-        config = SamplerConfig(args.scheduler, args.steps, args.eta, 1.0 if guidance is None else guidance, args.seed, args.batch_size)
+        from ptqd import defaults
+
+        guidance = defaults.guidance(model.conditional) if guidance is None else guidance
+        config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
     denoise, corrector = (plan.denoise, plan.corrector) if plan else (None, None)
     if ctx.active or args.num > args.chunk_size:  # chunked, resumable, split across torchrun ranks
         from ptqd.shards import sample_to_file
@@ -349,10 +418,13 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         if ctx.main:
             print(f"{args.num} images in {path} (config: {path.with_suffix('.json')})")
         return
-    samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
-    if plan is not None:
-        samples.config.update(plan.record)
-    path = save_samples(samples, args.out)
+    from ptqd.locks import output_lock
+
+    with output_lock(args.out, "samples file"):
+        samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
+        if plan is not None:
+            samples.config.update(plan.record)
+        path = save_samples(samples, args.out)
     print(f"wrote {len(samples.images)} images to {path} (config: {path.with_suffix('.json')})")
 
 
@@ -453,20 +525,28 @@ def _quantize(args: argparse.Namespace) -> None:
         quantize_attention=not args.no_attention_quant,
         split_shortcut=not args.no_split_shortcut,
     )
+    from ptqd import defaults
+
+    p = defaults.PRESETS["quick" if args.quick else args.preset]
+
+    def pick(value, default):
+        return default if value is None else value
+
     options = CalibrationOptions(
         method=args.method,
-        recon_samples=args.recon_samples,
-        weight_iters=args.weight_iters,
-        act_iters=args.act_iters,
-        batch_size=args.recon_batch,
+        recon_samples=pick(args.recon_samples, p["options"]["recon_samples"]),
+        weight_iters=pick(args.weight_iters, p["options"]["weight_iters"]),
+        act_iters=pick(args.act_iters, p["options"]["act_iters"]),
+        batch_size=pick(args.recon_batch, p["options"]["batch_size"]),
         seed=args.seed,
     )
-    guidance = args.guidance if args.guidance is not None else (3.0 if model.conditional else 1.0)
+    guidance = args.guidance if args.guidance is not None else defaults.guidance(model.conditional)
     sampler = SamplerConfig(args.scheduler, args.steps, args.eta, guidance)
     run = quantize(
-        model, config, args.method, options, args.calib_samples, args.calib_steps, sampler, args.calib_seed,
-        out=args.out, progress=not args.no_progress, noise_samples=args.noise_samples, noise_seed=args.noise_seed,
-        mixed_precision=args.mixed_precision, overwrite=args.overwrite,
+        model, config, args.method, options, pick(args.calib_samples, p["calib_samples"]), pick(args.calib_steps, p["calib_steps"]),
+        sampler, args.calib_seed, out=args.out, progress=not args.no_progress,
+        noise_samples=pick(args.noise_samples, p["noise_samples"]), noise_seed=args.noise_seed,
+        mixed_precision=args.mixed_precision, overwrite=args.overwrite, stages=True,
     )
     s = run.summary
     row = {
@@ -508,9 +588,17 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
         batch_size=args.batch_size,
     )
     seed = args.seed if args.seed is not None else ptqd_cfg.get("noise_seed", 2000)
+    if args.noise_samples is not None:
+        num, source = args.noise_samples, "--noise-samples"
+    elif ptqd_cfg.get("noise_samples"):
+        num, source = ptqd_cfg["noise_samples"], "the run's recorded --noise-samples"
+    else:
+        num, source = 256, "the default; the run records no --noise-samples"
+    if ctx.main:
+        print(f"noise statistics from {num} trajectories ({source})")
     request = StatsRequest(
         sampler=dataclasses.replace(sampler, seed=seed),
-        num_samples=args.noise_samples or ptqd_cfg.get("noise_samples") or 256,
+        num_samples=num,
         bits=args.act_bits or [],
         seed=seed,
         clamp_k=not args.keep_negative_k,

@@ -64,12 +64,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
+def write_json(path: str | Path, data: Any, strict: bool = False) -> Path:
+    """Write ``data`` as indented JSON, atomically; ``strict``: NaN and infinities become null (strict JSON)."""
     path = Path(path)
+    if strict:
+        data = _finite(json.loads(json.dumps(data, default=_jsonable)))
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable, allow_nan=not strict) + "\n")
     return path
+
+
+def _finite(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -34,8 +34,10 @@ from ptqd.calibration.data import (
     save_calibration,
 )
 from ptqd.calibration.methods import CalibrationOptions, calibrate
+from ptqd import integrity
 from ptqd.errors import PtqdError
 from ptqd.io import RUN_DIR, atomic_path, check_output, write_json
+from ptqd.locks import holds_lock
 from ptqd.metrics.bops import count_bops, model_size_bytes
 from ptqd.models.loading import DiffusionModel, example_forward, load
 from ptqd.quant.denoiser import QuantizedDenoiser, QuantizedRun  # noqa: F401  (public names of this module)
@@ -79,6 +81,7 @@ def measure(fp: DiffusionModel, qnet: nn.Module) -> dict[str, Any]:
     }
 
 
+@holds_lock("out", "run directory")
 def quantize(
     model: str | Path | DiffusionModel,
     config: QuantConfig | None = None,
@@ -94,6 +97,7 @@ def quantize(
     noise_seed: int | None = None,
     mixed_precision: list[int] | None = None,
     overwrite: bool = False,
+    stages: bool = False,
     forward_loop=None,
 ) -> QuantizedRun:
     """Quantize ``model`` and calibrate it with ``method``; write a run directory when ``out`` is given.
@@ -106,6 +110,8 @@ def quantize(
     the run directory; with
     ``mixed_precision`` (e.g. [4, 8]) the activations are calibrated and the statistics collected for
     each of those bit-widths, and sampling picks one per step.
+
+    ``stages``: print one line as each stage ends (the CLI does, so ``--no-progress`` still shows them).
 
     Settings and ``out`` are checked before any work: ``out`` must be a new or empty directory, or
     a run directory (``config.json`` with a ``ptqd`` key, or the calibration data of an interrupted
@@ -172,22 +178,33 @@ def quantize(
             _ptqd_stats(done, sampler, ptqd_cfg, out, progress)
             return done
 
+    t0 = time.perf_counter()
     if forward_loop is not None:
         calib = record_forward_loop(fp, forward_loop)
         dev = _device(fp)
         calib = dataclasses.replace(calib, x=calib.x.to(dev), t=calib.t.to(dev), labels=calib.labels.to(dev) if calib.labels is not None else None)
     else:
         calib = _calibration_data(fp, out, calib_samples, calib_steps, sampler, calib_seed, progress)
-    t0 = time.perf_counter()
+    t_data = time.perf_counter() - t0
+    if stages:
+        print(f"quantize: calibration data ready: {len(calib.x)} network inputs from {calib_samples} trajectories ({t_data:.1f} s)", flush=True)
     qnet = wrap_model(fp.unet, config, run_once=example_forward(fp))
     qnet.to(_device(fp))  # new quantizer modules start on the CPU; calibrate where the model is
     summary = calibrate(fp, qnet, calib, options, progress=progress)
-    summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)
+    summary["seconds"]["calibration_data"] = round(t_data, 2)
+    summary["seconds"]["total_calibration"] = round(time.perf_counter() - t0, 2)  # calibration data included
+    if stages:
+        print(f"quantize: {options.method} calibration done ({time.perf_counter() - t0 - t_data:.1f} s)", flush=True)
     summary.update(measure(fp, qnet))
     run = QuantizedRun(fp, qnet, run_config, out, summary)
     if out is not None:
         save_run(run, out)
+        if stages:
+            print(f"quantize: wrote {out}", flush=True)
+    t1 = time.perf_counter()
     _ptqd_stats(run, sampler, ptqd_cfg, out, progress)
+    if stages and run.stats is not None:
+        print(f"quantize: noise statistics of {ptqd_cfg['noise_samples']} trajectories done ({time.perf_counter() - t1:.1f} s)", flush=True)
     return run
 
 
@@ -210,7 +227,8 @@ def _ptqd_stats(run: QuantizedRun, sampler: SamplerConfig, ptqd_cfg: dict | None
     run.stats = collect_stats(run, request, out=out, progress=progress)
     run.summary.setdefault("seconds", {})["noise_statistics"] = round(time.perf_counter() - t0, 2)
     if out is not None:
-        write_json(out / "summary.json", run.summary)
+        write_json(out / "summary.json", run.summary, strict=True)
+        integrity.record(out, ["summary.json"], create=False)
 
 
 def _calibration_data(fp, out, num, steps, sampler, seed, progress) -> CalibrationSet:
@@ -225,6 +243,7 @@ def _find_calibration(fp, out, num, steps, sampler, seed, progress) -> Calibrati
     path = out / "calibration.safetensors" if out is not None else None
     if path is not None and path.is_file():
         calib = load_calibration(path, fp)
+        integrity.verify(path, f"delete {path} (the next `ptqd quantize` collects the data again) or choose a new --out")
         m = calib.meta
         wanted = (num, seed, sampler.scheduler, sampler.steps, sampler.eta, sampler.guidance if fp.conditional else None)
         found = (m.get("num_samples"), m.get("seed"), m.get("scheduler"), m.get("steps"), m.get("eta"), m.get("guidance"))
@@ -243,7 +262,7 @@ def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         return None
-    old = json.loads(cfg_file.read_text())
+    old = read_run_config(out)
     keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction", "prompts")
     diff = [k for k in keys if old.get(k) != run_config.get(k)]
     if diff:
@@ -263,16 +282,19 @@ def save_run(run: QuantizedRun, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "quant_state.safetensors") as tmp:
         save_file(quant_state(run.qnet), str(tmp), metadata={"ptqd_run": json.dumps(run.config)})
-    write_json(out / "summary.json", run.summary)
+    write_json(out / "summary.json", run.summary, strict=True)
     write_json(out / "config.json", run.config)
+    integrity.record(out, list(RUN_FILES))
     run.path = out
     return out
 
 
 def load_run(path: str | Path, model: DiffusionModel | None = None) -> QuantizedRun:
-    """Rebuild a quantized model from a run directory (the FP model is loaded by name/path unless given)."""
-    from safetensors.torch import load_file
+    """Rebuild a quantized model from a run directory (the FP model is loaded by name/path unless given).
 
+    Every file is checked before use: ``config.json`` and ``summary.json`` field by field,
+    ``quant_state.safetensors`` against the config and the model (see :func:`read_quant_state`), and
+    all of them against the run's ``integrity.json`` (sizes and SHA-256) when it has one."""
     path = Path(path)
     cfg_file = path / "config.json"
     state_file = path / "quant_state.safetensors"
@@ -280,28 +302,188 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
         _not_a_run(path)
     if not state_file.is_file():
         raise PtqdError(f"{path} has no quant_state.safetensors: the run did not finish; rerun the same `ptqd quantize`")
-    config = json.loads(cfg_file.read_text())
-    fp = model or load(config["model"], prompts=config.get("prompts"))
+    config = read_run_config(path)
+    fp = model if model is not None else _load_run_model(path, config)
     if fp.fingerprint() != config["model_fingerprint"]:
+        given = "the model given" if model is not None else config["model"]
         raise PtqdError(
-            f"run {path} was made from a model with fingerprint {config['model_fingerprint']}, but {config['model']} "
-            f"now has {fp.fingerprint()}: the weights changed; quantize again"
+            f"run {path} was made from a model with fingerprint {config['model_fingerprint']}, but {given} "
+            f"has {fp.fingerprint()}: not the same weights; pass the model the run was made from (--model DIR), or quantize again"
         )
     qconfig = QuantConfig.from_dict(config["quant"])
     qnet = wrap_model(fp.unet, qconfig, run_once=example_forward(fp))
     qnet.to(_device(fp))
-    try:
-        state = load_file(str(state_file))
-    except Exception as e:
-        raise PtqdError(f"{state_file} is unreadable ({e}); rerun `ptqd quantize`") from e
+    state = read_quant_state(state_file, config, qnet)
     load_quant_state(qnet, state)
-    summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = read_summary(path)
+    fix = _fix(path)
+    for name in RUN_FILES:  # after the field checks above (they name what is wrong), every recorded byte
+        if name != "calibration.safetensors":
+            integrity.verify(path / name, fix)
     return QuantizedRun(fp, qnet, config, path, summary)
+
+
+# ------------------------------------------------------------------------------ reading run files
+
+RUN_FILES = ("config.json", "quant_state.safetensors", "summary.json", "calibration.safetensors")
+RUN_SCHEMA = {
+    "ptqd": "str",
+    "model": "str",
+    "model_fingerprint": "str",
+    "method": "str",
+    "quant": {"weight_bits": "int", "act_bits": "int", "extra_act_bits?": "list[int]", "softmax_bits?": "int"},
+    "calibration": {
+        "num_samples": "int", "num_steps": "int", "scheduler": "str", "steps": "int", "eta": "number",
+        "guidance": "number|null", "seed": "int", "batch_size?": "int",
+    },
+    "options": "dict",
+    "correction?": {"noise_samples": "int", "noise_seed": "int", "mixed_precision?": "list[int]|null"},
+    "prompts?": "list[str]|null",
+    "torch_threads?": "int",
+}
+SUMMARY_SCHEMA = {
+    "seconds?": "dict",
+    "size?": {"bytes": "number", "ratio?": "number|null"},
+    "bops?": {"bops": "number", "macs?": "number", "bops_saving?": "number|null"},
+    "layers?": "list",
+    "kept_float?": "list",
+}
+
+
+def _fix(path: Path) -> str:
+    return f"undo the edit, or delete {path} (or choose a new --out) and quantize again"
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """A run's ``config.json``, checked field by field (an error names the file and the field)."""
+    from ptqd.validate import check_object, fail, read_json
+
+    path = Path(path)
+    f = path / "config.json"
+    fix = _fix(path)
+    config = read_json(f, fix, RUN_SCHEMA, what="run config")
+    if config["method"] not in METHODS:
+        raise fail(f, "method", f"is {config['method']!r}, not one of {', '.join(METHODS)}", fix)
+    try:
+        QuantConfig.from_dict(config["quant"]).validate()
+    except (PtqdError, TypeError, ValueError) as e:
+        raise fail(f, "quant", f"is not a valid quantization config ({e})", fix) from None
+    cal = config["calibration"]
+    try:
+        SamplerConfig(cal["scheduler"], cal["steps"], cal["eta"], cal["guidance"] if cal["guidance"] is not None else 1.0).validate()
+    except PtqdError as e:
+        raise fail(f, "calibration", f"is not a valid sampler setting ({e})", fix) from None
+    for key in ("num_samples", "num_steps"):
+        if cal[key] < 1:
+            raise fail(f, f"calibration.{key}", f"must be at least 1, got {cal[key]}", fix)
+    check_object(config["options"], {}, f, fix, "options.")
+    return config
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json`` (empty when absent), checked field by field."""
+    from ptqd.validate import read_json
+
+    f = Path(path) / "summary.json"
+    if not f.is_file():
+        return {}
+    return read_json(f, f"delete {f} (it holds only timings and sizes) or quantize again", SUMMARY_SCHEMA)
+
+
+def read_quant_state(state_file: Path, config: dict[str, Any], qnet: nn.Module) -> dict[str, torch.Tensor]:
+    """Read ``quant_state.safetensors`` and check it against ``config`` (the run it claims to belong to)
+    and the freshly wrapped ``qnet``: every quantizer's tensors present with the right shapes, finite,
+    positive scales, integer zero points in range, weight scales that fit the FP weights."""
+    from safetensors import safe_open
+
+    from ptqd.quant.quantizer import PASS_BITS, qrange
+    from ptqd.validate import parse_json
+    from ptqd.quant.wrap import act_quantizers, quant_layers
+
+    fix = _fix(state_file.parent)
+    try:
+        with safe_open(str(state_file), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:
+        raise PtqdError(f"{state_file} is not a readable safetensors file ({e}); {fix}") from None
+    if "ptqd_run" in meta:
+        claimed = parse_json(meta["ptqd_run"], f"{state_file} (metadata 'ptqd_run')", fix)
+        if not isinstance(claimed, dict):
+            raise PtqdError(f"{state_file}: metadata 'ptqd_run' is not a JSON object; {fix}")
+        for key in ("model_fingerprint", "method"):
+            if claimed.get(key) != config.get(key):
+                raise PtqdError(f"{state_file} belongs to another run: field {key!r} is {claimed.get(key)!r} there but "
+                                f"{config.get(key)!r} in config.json; {fix}")
+        cq, q = claimed.get("quant") or {}, config["quant"]
+        for key in sorted(set(cq) | set(q)):
+            if cq.get(key) != q.get(key):
+                raise PtqdError(f"{state_file} belongs to another run: field 'quant.{key}' is {cq.get(key)!r} there but "
+                                f"{q.get(key)!r} in config.json; {fix}")
+
+    def get(key: str) -> torch.Tensor:
+        if key not in state:
+            raise PtqdError(f"{state_file} lacks the tensor {key!r}; {fix}")
+        t = state[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PtqdError(f"{state_file}: tensor {key!r} holds NaN or inf; {fix}")
+        return t
+
+    for name, m in quant_layers(qnet):
+        for i, (wq, w) in enumerate(zip(m.weight_quantizers, m.weight_parts())):
+            key = f"{name}.weight_quantizers.{i}"
+            scale, zp = get(f"{key}.scale"), get(f"{key}.zero_point")
+            want = w.shape[0] if wq.spec.per_channel else 1
+            if scale.numel() != want or zp.shape != scale.shape:
+                raise PtqdError(f"{state_file}: tensor {key + '.scale'!r} has shape {tuple(scale.shape)} (zero point "
+                                f"{tuple(zp.shape)}), but the layer's weight {tuple(w.shape)} needs {want} value(s); {fix}")
+            if f"{key}.round_up" in state and tuple(state[f"{key}.round_up"].shape) != tuple(w.shape):
+                raise PtqdError(f"{state_file}: tensor {key + '.round_up'!r} has shape {tuple(state[key + '.round_up'].shape)}, "
+                                f"the weight has {tuple(w.shape)}; {fix}")
+            if wq.bits >= PASS_BITS:
+                continue
+            qmin, qmax = qrange(wq.bits, wq.spec.symmetric)
+            if not bool((scale > 0).all()):
+                raise PtqdError(f"{state_file}: tensor {key + '.scale'!r} has scales that are not positive; {fix}")
+            if not bool((zp == zp.round()).all() and (zp >= qmin).all() and (zp <= qmax).all()):
+                raise PtqdError(f"{state_file}: tensor {key + '.zero_point'!r} is not an integer in [{qmin}, {qmax}] "
+                                f"({wq.bits}-bit weights); {fix}")
+            wf = w.detach().float()
+            amax = wf.abs().reshape(wf.shape[0], -1).amax(1) if wq.spec.per_channel else wf.abs().max().reshape(1)
+            limit = 1.05 * amax.cpu() / (2 ** (wq.bits - 1) - 1) + 1e-7
+            if bool((scale.reshape(-1).float() > limit).any()):
+                ratio = float((scale.reshape(-1).float() / limit).max()) * 1.05
+                raise PtqdError(f"{state_file}: tensor {key + '.scale'!r} does not fit the model's weights (up to {ratio:.3g}× "
+                                f"the largest {wq.bits}-bit scale those weights allow); {fix}")
+    for name, aq in act_quantizers(qnet):
+        for b in aq.bit_options:
+            scale = get(f"{name}.scale_{b}")
+            if scale.numel() != 1 or not bool((scale > 0).all()):
+                raise PtqdError(f"{state_file}: tensor {name + f'.scale_{b}'!r} must be one positive number, "
+                                f"got shape {tuple(scale.shape)}; {fix}")
+        zp = get(f"{name}.zero_point")
+        if tuple(zp.shape) != (len(aq.bit_options),):
+            raise PtqdError(f"{state_file}: tensor {name + '.zero_point'!r} must hold one number per bit-width "
+                            f"({len(aq.bit_options)}), got shape {tuple(zp.shape)}; {fix}")
+    return state
 
 
 def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "quant_state.safetensors").is_file()
+
+
+def _load_run_model(path: Path, config: dict[str, Any]) -> DiffusionModel:
+    """The FP model a run names: a bundled name, or the directory it was made from."""
+    from ptqd.models.zoo import ZOO_NAMES
+
+    ref = config["model"]
+    if ref not in ZOO_NAMES and not Path(ref).expanduser().exists():
+        raise PtqdError(
+            f"run {path} was made from the model at {ref}, which is not there any more (moved or deleted): pass its new "
+            f"location with --model NEWDIR (or load_run(RUN, model=...)); it is accepted when its weights match "
+            f"(fingerprint {config['model_fingerprint']})"
+        )
+    return load(ref, prompts=config.get("prompts"))
 
 
 def _model_ref(fp: DiffusionModel) -> str:
@@ -331,13 +513,9 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         _not_a_run(path)
-    try:
-        config = json.loads(cfg_file.read_text())
-        summary_file = path / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        q = config["quant"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise PtqdError(f"{cfg_file} is damaged ({e}); rerun the `ptqd quantize` that made it") from e
+    config = read_run_config(path)
+    summary = read_summary(path)
+    q = config["quant"]
     extra = sorted(set(q.get("extra_act_bits") or []) - {q["act_bits"]})
     bits = f"W{q['weight_bits']}A{q['act_bits']}" + (f" (+A{',A'.join(map(str, extra))})" if extra else "")
     secs = summary.get("seconds", {})
@@ -363,3 +541,31 @@ def export_run(run: str | Path | QuantizedRun, out: str | Path, progress: bool =
         check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)  # before the run is loaded
         run = load_run(run)
     return export(run, out, progress=progress, overwrite=overwrite)
+
+
+def ensure_stats(run: QuantizedRun, sampler: SamplerConfig, correct: str | None = "all", act_bits=None, progress: bool = True):
+    """Collect (and save in the run directory) the noise statistics sampling ``run`` with ``sampler``
+    needs, when it has none for that sampler (``ptqd sample --collect-stats``); returns them or None."""
+    from ptqd.correction.apply import find_stats
+    from ptqd.correction.corrector import parse_parts
+    from ptqd.correction.stats import StatsRequest, stats_name
+
+    mixed = act_bits == "mixed" or (act_bits is None and (run.config.get("correction") or {}).get("mixed_precision"))
+    if not parse_parts(correct) and not mixed:
+        return None
+    try:
+        return find_stats(run, sampler)
+    except PtqdError:
+        if run.manifest is not None:
+            raise  # an exported checkpoint: statistics need the FP model (the message says how)
+    from ptqd.correction.apply import collect_stats
+
+    ptqd_cfg = run.config.get("correction") or {}
+    seed = ptqd_cfg.get("noise_seed", defaults.NOISE_SEED)
+    request = StatsRequest(
+        sampler=dataclasses.replace(sampler, seed=seed), num_samples=ptqd_cfg.get("noise_samples") or defaults.NOISE_SAMPLES,
+        bits=run.calibrated_bits, seed=seed,
+    )
+    if progress:
+        print(f"collecting noise statistics for {stats_name(sampler, run.base.conditional)}: {request.num_samples} trajectories")
+    return collect_stats(run, request, out=run.path, progress=progress)

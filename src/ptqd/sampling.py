@@ -217,7 +217,7 @@ def sample_record(model: DiffusionModel, num: int, config: SamplerConfig, correc
     if model.prompts is not None:
         record["prompts"] = model.prompts
     if corrector is not None:
-        record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta)}
+        record["corrector"] = {**corrector.describe(), "notes": corrector.notes(config.scheduler, config.eta, make_scheduler(model, config.scheduler, config.steps))}
     return record
 
 
@@ -244,22 +244,47 @@ def save_samples(samples: Samples, path: str | Path) -> Path:
     return path
 
 
+def _npz_problem(e: Exception) -> str:
+    """numpy's error without its advice to load pickles ("allow_pickle=True" would run code)."""
+    text = str(e)
+    if "allow_pickle" in text or "pickled" in text.lower():
+        return "it holds Python objects (pickled data), which ptqd never loads"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _npz_array(z, name: str, path: Path, fix: str) -> np.ndarray:
+    try:
+        return z[name]
+    except Exception as e:
+        raise PtqdError(f"{path}: array {name!r} cannot be read ({_npz_problem(e)}); the file is damaged; {fix}") from None
+
+
 def load_samples(path: str | Path) -> Samples:
     """Read and check a samples ``.npz``: key ``images`` uint8 (N, H, W, C), optional ``labels`` (N,)."""
     path = Path(path)
     if not path.is_file():
         raise PtqdError(f"samples file {path} does not exist")
+    fix = "write the samples again with `ptqd sample --out FILE.npz`"
     try:
         z = np.load(path, allow_pickle=False)
         files = set(z.files)
     except Exception as e:
-        raise PtqdError(f"{path} is not a readable .npz file ({e}); write samples with `ptqd sample --out FILE.npz`") from e
+        raise PtqdError(f"{path} is not a readable .npz file ({_npz_problem(e)}); {fix}") from None
     with z:
         if "images" not in files:
-            raise PtqdError(f"{path} has no 'images' array (found: {', '.join(sorted(files)) or 'nothing'})")
-        images = z["images"]
-        labels = z["labels"] if "labels" in files else None
-        config = json.loads(str(z["config"])) if "config" in files else {}
+            raise PtqdError(f"{path} has no 'images' array (found: {', '.join(sorted(files)) or 'nothing'}); {fix}")
+        images = _npz_array(z, "images", path, fix)
+        labels = _npz_array(z, "labels", path, fix) if "labels" in files else None
+        config = {}
+        if "config" in files:
+            from ptqd.validate import parse_json
+
+            raw = _npz_array(z, "config", path, fix)
+            if raw.shape != () or raw.dtype.kind != "U":
+                raise PtqdError(f"{path}: array 'config' must be one JSON string, got {raw.dtype} {raw.shape}; {fix}")
+            config = parse_json(str(raw), f"{path} (array 'config')", fix)
+            if not isinstance(config, dict):
+                raise PtqdError(f"{path}: array 'config' must hold a JSON object; {fix}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
         raise PtqdError(
             f"{path}: 'images' must be a non-empty uint8 array (N, H, W, C) with C = 1 or 3, "

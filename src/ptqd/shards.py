@@ -16,6 +16,7 @@ import numpy as np
 
 from ptqd import distributed
 from ptqd.chunks import ChunkStore
+from ptqd.locks import holds_lock
 from ptqd.sampling import SamplerConfig, Samples, check_samples_output, sample, sample_record, save_samples
 
 DEFAULT_CHUNK = 1000
@@ -35,6 +36,7 @@ def _saved_config(path: Path) -> dict | None:
         return None
 
 
+@holds_lock("out", "samples file")
 def sample_to_file(
     model,
     num: int,
@@ -52,7 +54,9 @@ def sample_to_file(
 ) -> Path | None:
     """Generate ``num`` samples into ``out`` (.npz + .json) chunk by chunk; resumable.
 
-    ``record`` adds to what the samples file records (e.g. a quantized run's plan) and, like the
+    Chunk boundaries are multiples of the batch size (``chunk_size`` is rounded up to one), so a
+    chunked, resumed or torchrun-split run samples exactly the batches of a single-process run and
+    writes the same bytes, for quantized models too. ``record`` adds to what the samples file records (e.g. a quantized run's plan) and, like the
     sampler settings, must match for chunks on disk to be reused. Under torchrun every rank calls
     this; rank 0 returns the path, the others None. ``out`` is checked before any sampling
     (:func:`ptqd.sampling.check_samples_output`; ``overwrite`` replaces files ptqd did not write).
@@ -67,6 +71,11 @@ def sample_to_file(
     full = sample_record(model, num, config, corrector)
     full.update(record or {})
     full = json.loads(json.dumps(full, default=str))
+    if chunk_size < 1:
+        raise PtqdError(f"chunk size must be at least 1, got {chunk_size}")
+    # chunk boundaries on batch boundaries: every chunk samples the batches a single process would
+    # (quantized outputs depend on the batch composition at the ~1e-7 level, which rounding amplifies)
+    chunk_size = -(-chunk_size // config.batch_size) * config.batch_size
     job = {k: v for k, v in full.items() if k != "num"}
     job.update({"labels": [int(v) for v in labels] if labels else None, "chunk_size": chunk_size})
     store = ChunkStore(shard_dir(out), job)

@@ -115,14 +115,20 @@ def load_calibration(path: str | Path, model: DiffusionModel | None = None) -> C
     path = Path(path)
     if not path.is_file():
         raise PtqdError(f"calibration file {path} does not exist")
+    # rerunning `ptqd quantize` would read this file again: say how to get rid of it instead
+    fix = f"delete {path} (the next `ptqd quantize` collects the data again) or choose a new --out"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("ptqd_calibration", "null"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise PtqdError(f"{path} is not a readable calibration file ({e}); collect it again with `ptqd quantize`") from e
-    if not meta or "x" not in tensors or "t" not in tensors:
-        raise PtqdError(f"{path} is not a ptqd calibration file (no metadata or no x/t tensors)")
+        raise PtqdError(f"{path} is not a readable calibration file ({e}); {fix}") from None
+    if not isinstance(meta, dict) or "x" not in tensors or "t" not in tensors:
+        raise PtqdError(f"{path} is not a ptqd calibration file (no 'ptqd_calibration' metadata or no x/t tensors); {fix}")
+    x, t, labels = tensors["x"], tensors["t"], tensors.get("labels")
+    if x.ndim != 4 or t.shape != (len(x),) or (labels is not None and labels.shape != (len(x),)):
+        raise PtqdError(f"{path}: tensors x {tuple(x.shape)}, t {tuple(t.shape)}"
+                        f"{'' if labels is None else f', labels {tuple(labels.shape)}'} do not fit (N, C, H, W) / (N,); {fix}")
     if model is not None and meta.get("model_fingerprint") != model.fingerprint():
         raise PtqdError(
             f"{path} was collected with model {meta.get('model')} (fingerprint {meta.get('model_fingerprint')}), "

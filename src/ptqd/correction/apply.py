@@ -32,6 +32,7 @@ from ptqd.correction.stats import (
     stats_name,
 )
 from ptqd.errors import PtqdError
+from ptqd.locks import holds_lock
 from ptqd.metrics.bops import count_bops
 from ptqd.models.loading import DiffusionModel, example_forward
 from ptqd.quant.denoiser import quant_fingerprint
@@ -57,6 +58,7 @@ def expected_meta(run, sampler: SamplerConfig) -> dict[str, Any]:
     }
 
 
+@holds_lock("out", "run directory")
 def collect_stats(run, request: StatsRequest, out: str | Path | None = None, progress: bool = True) -> NoiseStats:
     """Algorithm 1 on ``run``: FP trajectories of ``request.sampler``, the quantized twin evaluated on
     the same inputs at every step for each activation bit-width; fitted and (with ``out``, a run
@@ -239,7 +241,7 @@ def plan_sampling(
     corrector = None
     if parts:
         corrector = Corrector(stats, parts, bits_at=schedule)
-        record["notes"] = corrector.notes(sampler.scheduler, sampler.eta)
+        record["notes"] = corrector.notes(sampler.scheduler, sampler.eta, make_scheduler(fp, sampler.scheduler, sampler.steps))
     return SamplingPlan(model, model.denoise, corrector, record, denoiser)
 
 

@@ -17,7 +17,8 @@ schedule calibration (VSC), over diffusers' DDPM and DDIM schedulers.
     rescaled to σ'_t·z. c_t = β_t / (√α_t·√(1−ᾱ_t)) with the step's effective α_t = ᾱ_t/ᾱ_{t−1}.
 
 Both keep the random numbers drawn identical to uncorrected sampling, so runs with and without a
-correction differ only by the correction.
+correction differ only by the correction: when VSC shrinks a DDIM step's noise to zero (diffusers then
+draws nothing), the step's noise is drawn anyway and discarded.
 """
 
 from __future__ import annotations
@@ -145,7 +146,12 @@ class Corrector:
             q = ddim_quantities(scheduler, t, eta)
             new_sigma = self._shrunk(q, t)
             new_eta = new_sigma / math.sqrt(q["variance"]) if q["variance"] > 0 else 0.0
-            return scheduler.step(eps, t, x, eta=new_eta, generator=generators).prev_sample
+            out = scheduler.step(eps, t, x, eta=new_eta, generator=generators).prev_sample
+            if new_eta <= 0:  # diffusers draws no noise at eta 0: draw (and discard) it to keep the generators in step
+                from diffusers.utils.torch_utils import randn_tensor
+
+                randn_tensor(eps.shape, generator=generators, device=eps.device, dtype=eps.dtype)
+            return out
         if kind.startswith("DDPM"):
             out = scheduler.step(eps, t, x, generator=generators)
             if "vsc" not in self.parts:
@@ -165,11 +171,45 @@ class Corrector:
         self.log.append({"t": int(t), "sigma": q["sigma"], "sigma_vsc": new, "c": q["c"], "residual_std": res})
         return new
 
-    def notes(self, scheduler: str, eta: float) -> list[str]:
-        """What the run summary should say about parts that cannot act with this sampler."""
+    def notes(self, scheduler: str, eta: float, sched=None) -> list[str]:
+        """What the run summary should say about parts that cannot act (fully) with this sampler.
+
+        ``sched``: the diffusers scheduler the run samples with (set to its steps); with it the
+        notes also count the steps VSC acts on and flag scheduler settings PTQD does not assume."""
         notes = []
+        used = sorted(set(self.bits_at.values()))
+        if "cnc" in self.parts:
+            ks = [self.stats.k[self.stats.bit(b)] for b in used]
+            if all(float(abs(k).max()) == 0.0 for k in ks):
+                clamped = " (every fitted slope was negative and clamped to 0; `ptqd stats --keep-negative-k` keeps them)" \
+                    if self.stats.meta.get("clamp_k", True) else ""
+                notes.append(f"cnc is a no-op: k_t is 0 at every step{clamped}; bc/vsc still apply")
         if "vsc" in self.parts and scheduler == "ddim" and eta == 0:
             notes.append("vsc is a no-op: deterministic DDIM (eta=0) has no sampler noise to shrink; cnc/bc still apply")
+        elif "vsc" in self.parts and sched is not None:
+            acting = zeroed = 0
+            steps = [int(t) for t in sched.timesteps]
+            for t in steps:
+                try:
+                    q = ddim_quantities(sched, t, eta) if scheduler == "ddim" else ddpm_quantities(sched, t)
+                except PtqdError:
+                    break
+                shrink = q["c"] ** 2 * self.residual_std(t) ** 2
+                if q["sigma"] > 0 and shrink > 0:
+                    acting += 1
+                    zeroed += q["sigma"] ** 2 - shrink <= 0
+            if acting < len(steps):
+                notes.append(f"vsc acts on {acting} of {len(steps)} steps (on the others the sampler adds no noise or the residual is 0)")
+            if zeroed:
+                notes.append(f"vsc shrinks the sampler noise to 0 on {zeroed} of {len(steps)} steps (the quantization residual is larger)")
+        if sched is not None and self.parts:
+            cfg = sched.config
+            for key in ("clip_sample", "thresholding"):
+                if cfg.get(key):
+                    notes.append(
+                        f"the model's scheduler has {key}: true; PTQD's corrections assume the unclipped update "
+                        f"(x̂_0 is {'clipped' if key == 'clip_sample' else 'thresholded'} after correction, so cnc/bc/vsc act only approximately)"
+                    )
         return notes
 
     def describe(self) -> dict[str, Any]:

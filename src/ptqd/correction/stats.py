@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ptqd import __version__, defaults
+from ptqd import __version__, defaults, integrity
+from ptqd.validate import check_object, parse_json
 from ptqd.checks import check_finite
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
@@ -279,7 +280,8 @@ def save_stats(stats: NoiseStats, path: str | Path) -> Path:
     arrays = {k: np.ascontiguousarray(v, dtype=np.float64 if v.dtype.kind == "f" else v.dtype) for k, v in arrays.items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata={"ptqd_noise_stats": json.dumps(meta)})
-    write_json(path.with_suffix(".json"), {"meta": meta, "steps": {str(b): stats.table(b) for b in stats.bits}})
+    write_json(path.with_suffix(".json"), {"meta": meta, "steps": {str(b): stats.table(b) for b in stats.bits}}, strict=True)
+    integrity.record(path.parent, [path.name, path.with_suffix(".json").name], create=False)  # a run directory's record
     stats.path = path
     return path
 
@@ -291,19 +293,23 @@ def load_stats(path: str | Path) -> NoiseStats:
     path = Path(path)
     if not path.is_file():
         raise PtqdError(f"noise statistics file {path} does not exist; collect it with `ptqd stats RUN`")
+    fix = f"delete {path} and collect the statistics again with `ptqd stats` (or export the checkpoint again)"
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta_text = (f.metadata() or {}).get("ptqd_noise_stats")
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise PtqdError(f"{path} is not a readable noise statistics file ({e}); collect it again with `ptqd stats RUN`") from e
+        raise PtqdError(f"{path} is not a readable noise statistics file ({e}); {fix}") from None
     if meta_text is None:
         raise PtqdError(f"{path} is a safetensors file but not ptqd noise statistics (no 'ptqd_noise_stats' metadata)")
-    meta = json.loads(meta_text)
+    meta = parse_json(meta_text, f"{path} (metadata 'ptqd_noise_stats')", fix)
+    check_object(meta, STATS_META_SCHEMA, f"{path} (metadata)", fix)
     need = ("timesteps", "bits", "k", "k_raw", "mu", "sigma", "r", "fp_var", "rel_err")
     missing = [k for k in need if k not in arrays]
     if missing:
-        raise PtqdError(f"{path} lacks {', '.join(missing)}; collect the statistics again with `ptqd stats RUN`")
+        raise PtqdError(f"{path} lacks {', '.join(missing)}; {fix}")
+    _check_shapes(path, arrays, meta, fix)
+    integrity.verify(path, fix)
     moments = None
     if "moments.s_e" in arrays:
         m = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("moments.")}
@@ -324,6 +330,42 @@ def load_stats(path: str | Path) -> NoiseStats:
         moments=moments,
         path=path,
     )
+
+
+STATS_META_SCHEMA = {
+    "model_fingerprint": "str", "quant_fingerprint": "str", "weight_bits": "int", "scheduler": "str", "steps": "int",
+    "eta": "number|null", "guidance": "number|null", "num_samples?": "int", "seed?": "int", "elements?": "int", "channels?": "int",
+}
+
+
+def _check_shapes(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any], fix: str) -> None:
+    """Every array's shape against the bit-widths and timesteps the file lists."""
+    for key in ("bits", "timesteps"):
+        if arrays[key].ndim != 1 or arrays[key].dtype.kind not in "iu" or len(arrays[key]) == 0:
+            raise PtqdError(f"{path}: array {key!r} must be a non-empty list of integers, got {arrays[key].dtype} {arrays[key].shape}; {fix}")
+    nb, ns = len(arrays["bits"]), len(arrays["timesteps"])
+    if ns != meta["steps"]:
+        raise PtqdError(f"{path}: {ns} timesteps, but the metadata field 'steps' says {meta['steps']}; {fix}")
+    c = arrays["mu"].shape[-1] if arrays["mu"].ndim == 3 else None
+    want = {k: (nb, ns) for k in ("k", "k_raw", "sigma", "r", "rel_err")}
+    want.update(mu=(nb, ns, c), fp_var=(ns,))
+    for key, shape in want.items():
+        if arrays[key].shape != shape or c is None:
+            raise PtqdError(f"{path}: array {key!r} has shape {arrays[key].shape}, expected {shape} "
+                            f"({nb} bit-widths × {ns} steps{'' if c is None else f' × {c} channels'}); {fix}")
+        if key in ("k", "mu", "sigma") and not np.isfinite(arrays[key]).all():  # what the corrector uses
+            raise PtqdError(f"{path}: array {key!r} holds NaN or inf; {fix}")
+    moments = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("moments.")}
+    if moments:
+        for key in ("elements", "channels"):
+            if key not in meta:
+                raise PtqdError(f"{path}: metadata field {key!r} is missing (the file holds moments); {fix}")
+        n = moments.get("s_e", np.zeros((0, 0, 0))).shape[-1]
+        for key in MOMENTS + ("c_e", "c_d"):
+            shape = (nb, ns, n) if key in MOMENTS else (nb, ns, n, meta["channels"])
+            if key not in moments or moments[key].shape != shape:
+                got = moments[key].shape if key in moments else "missing"
+                raise PtqdError(f"{path}: array 'moments.{key}' has shape {got}, expected {shape}; {fix}")
 
 
 def check_stats(stats: NoiseStats, expected: dict[str, Any], bits: list[int] | None = None) -> None:

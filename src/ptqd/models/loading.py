@@ -203,10 +203,10 @@ def _hub_snapshot(repo_id: str, cache_dir: str | Path | None) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PtqdError(f"{path} is not valid JSON: {e}") from e
+    """A model directory's JSON file: a JSON object, or an error naming the file."""
+    from ptqd.validate import read_json
+
+    return read_json(path, "fix or replace the file (save the model again with save_pretrained)", schema={})
 
 
 def _components(path: Path) -> dict[str, tuple[str, str]]:
@@ -297,7 +297,10 @@ def _load_dir(path: Path, name: str) -> DiffusionModel:
     info: dict[str, Any] = {}
     info_file = path / "ptqd_model.json"
     if info_file.is_file():
-        info = _read_json(info_file)
+        from ptqd.validate import check_object
+
+        info = check_object(_read_json(info_file), {"num_classes?": "int", "null_class?": "int|null"}, info_file,
+                            "fix the file (num_classes: the number of classes, null_class: the unconditional class id)")
     if str(scheduler_config.get("variance_type", "")).startswith("learned"):
         # the denoiser's variance half is dropped (see adapters.DiTAdapter): DDPM uses fixed variances
         info["variance_note"] = f"variance_type {scheduler_config['variance_type']} replaced by fixed_small; the learned variance is not used"
@@ -327,6 +330,7 @@ def _describe(net: nn.Module, cls_name: str, scheduler_config: dict[str, Any], n
         n_embeds = cfg.num_class_embeds
         model.num_classes = int(info.get("num_classes", (n_embeds - 1) if n_embeds else 0))
         model.null_class = info.get("null_class", (n_embeds - 1) if n_embeds else None)
+        _check_classes(model, path, n_embeds or 0, "the class embedding (unet num_class_embeds)")
     elif cls_name != "UNet2DConditionModel":
         _setup_dit(model, cls_name, info)
     return model
@@ -396,3 +400,16 @@ def _setup_dit(model: DiffusionModel, cls_name: str, info: dict[str, Any]) -> No
     model.adapter = DiTAdapter(cfg.in_channels, learned_sigma=out_ch == 2 * cfg.in_channels)
     model.num_classes = int(info.get("num_classes", cfg.num_embeds_ada_norm))
     model.null_class = int(info.get("null_class", cfg.num_embeds_ada_norm))
+    _check_classes(model, model.path, cfg.num_embeds_ada_norm + 1, "the DiT class embedding (num_embeds_ada_norm + 1)")
+
+
+def _check_classes(model: DiffusionModel, path: Path, rows: int, table: str) -> None:
+    """Class ids 0..num_classes-1 and the null class must be rows of the embedding table."""
+    if model.num_classes == 0 and model.null_class is None:
+        return
+    f = Path(path) / "ptqd_model.json"
+    if model.num_classes < 0 or model.num_classes > rows or (model.num_classes and model.num_classes >= rows and model.null_class is not None):
+        raise PtqdError(f"{f}: field 'num_classes' is {model.num_classes}, but {table} has {rows} rows"
+                        f"{' (one of them the null class)' if model.null_class is not None else ''}; fix or delete the file")
+    if model.null_class is not None and not 0 <= int(model.null_class) < rows:
+        raise PtqdError(f"{f}: field 'null_class' is {model.null_class}, but {table} has rows 0..{rows - 1}; fix or delete the file")

@@ -27,6 +27,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,9 @@ from torch import nn
 
 from ptqd import __version__
 from ptqd.errors import PtqdError
-from ptqd.io import atomic_path, check_output, dir_with, write_json
+from ptqd.integrity import check_seal, seal
+from ptqd.io import _fsync as _fsync_path, atomic_path, check_output, dir_with, process_umask, write_json
+from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.denoiser import QuantizedRun, quant_fingerprint
 from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor, QuantLayer
@@ -78,6 +83,10 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _fsync_dir(path: Path) -> None:
+    _fsync_path(path, directory=True)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -116,14 +125,16 @@ def runs_integer(m: QuantLayer) -> bool:
 # ------------------------------------------------------------------------------------------ export
 
 
+@holds_lock("out", "checkpoint directory")
 def export(run: QuantizedRun, out: str | Path, progress: bool = True, overwrite: bool = False) -> Path:
     """Write the checkpoint of ``run`` (a :class:`ptqd.quant.denoiser.QuantizedRun`, e.g. from
     ``ptqd.runs.load_run``) to ``out``, with its noise statistics (those in its run directory and
     those collected in memory).
 
     ``out`` is checked first: a new or empty directory, or an earlier checkpoint (it holds
-    ``ptqd_checkpoint.json`` or ``weights.safetensors``); any other existing directory only with ``overwrite``."""
-    from safetensors.torch import save_file
+    ``ptqd_checkpoint.json`` or ``weights.safetensors``); any other existing directory only with ``overwrite``.
+    The checkpoint is written into a fresh temporary directory beside ``out`` and swapped in whole, so
+    nothing of an earlier checkpoint (e.g. statistics files the run no longer has) is left in it."""
 
     out = Path(out)
     if not isinstance(run, QuantizedRun):
@@ -133,8 +144,34 @@ def export(run: QuantizedRun, out: str | Path, progress: bool = True, overwrite:
     if run.manifest is not None:
         raise PtqdError("this model was loaded from a checkpoint; export from the quantization run directory")
     check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~process_umask())  # a directory's usual mode, not mkdtemp's 0700
+        _write_checkpoint(run, tmp, out, progress)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the directory ``new`` at ``out``, replacing what was there (the old one is removed afterwards)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(new, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(run, out: Path, final: Path, progress: bool) -> None:
+    """Write the checkpoint files of ``run`` into the (empty) directory ``out``, to be moved to ``final``."""
+    from safetensors.torch import save_file
+
     qnet = run.qnet.cpu()
     tensors: dict[str, torch.Tensor] = {}
     layers = []
@@ -225,16 +262,15 @@ def export(run: QuantizedRun, out: str | Path, progress: bool = True, overwrite:
     }
     fp32_bytes = 4 * sum(p.numel() for p in fp.unet.parameters() if p.is_floating_point() and p.device.type != "meta")
     manifest["size"] = {"weights_bytes": manifest["files"][WEIGHTS]["bytes"], "fp32_param_bytes": fp32_bytes}
-    write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, seal(manifest))
     if progress:
         total = sum(v["bytes"] for v in manifest["files"].values()) + (out / MANIFEST).stat().st_size
         w = manifest["size"]["weights_bytes"]
         print(
-            f"wrote {out}: weights {w / 1e6:.3f} MB ({w / fp32_bytes:.3f}× the fp32 parameters, {fp32_bytes / 1e6:.2f} MB), "
+            f"wrote {final}: weights {w / 1e6:.3f} MB ({w / fp32_bytes:.3f}× the fp32 parameters, {fp32_bytes / 1e6:.2f} MB), "
             f"{total / 1e6:.3f} MB in all; {sum(r['integer'] for r in layers)}/{len(layers)} layers on integer kernels, "
             f"{len(stats_entries)} noise statistics file(s)"
         )
-    return out
 
 
 def _adapter_record(fp: DiffusionModel, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -380,6 +416,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
                 raise PtqdError(f"checkpoint file {f} is truncated or altered: {size} bytes, the manifest says {info['bytes']}; export it again")
             if _sha256(f) != info["sha256"]:
                 raise PtqdError(f"checkpoint file {f} is corrupt: SHA-256 checksum mismatch with the manifest; export it again")
+        check_seal(manifest, mf, "undo the edit or export the checkpoint again")  # older manifests have no seal
     return manifest
 
 
@@ -418,6 +455,7 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
         tensors = load_file(str(path / WEIGHTS))
     except Exception as e:
         raise PtqdError(f"{path / WEIGHTS} is unreadable ({e}); export the checkpoint again") from e
+    check_geometry(manifest, tensors, path)
     net = _build_net(manifest, device="meta")  # no float weights are allocated for the quantized layers
     if _meta_left(net, set(net.state_dict())):  # state the config builds but the checkpoint cannot hold
         net = _build_net(manifest)
@@ -431,7 +469,11 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
             f"{path / WEIGHTS} does not fit a {manifest['model']['class_name']} with this config: "
             f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    net.load_state_dict(float_state, strict=False, assign=True)
+    try:
+        net.load_state_dict(float_state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise PtqdError(f"{path / WEIGHTS} does not fit the model the manifest's unet_config builds ({str(e).splitlines()[-1].strip()}); "
+                        "export the checkpoint again") from None
     for rec in manifest["layers"]:
         _install_layer(net, rec, tensors, backend, path)
     left = _meta_left(net)
@@ -459,6 +501,71 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
         adapter=_make_adapter(manifest, tensors, path), decoder=_make_decoder(manifest, path), prompts=m.get("prompts"),
     )
     return QuantizedRun(model, net, run_config, path, {"size": manifest.get("size", {})}, manifest=manifest)
+
+
+def check_geometry(manifest: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The manifest's layer records and class count against the stored tensors, before any layer is built."""
+    mf = path / MANIFEST
+    fix = "undo the edit or export the checkpoint again"
+
+    def bad(field: str, problem: str) -> PtqdError:
+        return PtqdError(f"{mf}: field {field!r} {problem}; {fix}")
+
+    for li, rec in enumerate(manifest["layers"]):
+        name, g = rec.get("name"), rec.get("geometry") or {}
+        where = f"layers[{li}] ({name})"
+        try:
+            w_spec = _spec(rec["weight_spec"])
+            parts = rec["parts"]
+            kind, g_in, g_out = g["type"], int(g["in"]), int(g["out"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(where, f"is incomplete or malformed ({type(e).__name__}: {e})") from None
+        if kind not in ("conv2d", "linear") or not parts:
+            raise bad(f"{where}.geometry", f"has type {kind!r} and {len(parts)} parts")
+        groups = int(g.get("groups", 1)) if kind == "conv2d" else 1
+        tail = tuple(g["kernel"]) if kind == "conv2d" else ()
+        cols = 0
+        for i, part in enumerate(parts):
+            shape = tuple(part["shape"])
+            if len(shape) != 2 + len(tail) or shape[0] != g_out or shape[2:] != tail:
+                raise bad(f"{where}.parts[{i}].shape", f"is {list(shape)}, which does not fit the geometry ({kind} {g_in}→{g_out}"
+                                                       f"{', kernel ' + str(list(tail)) if tail else ''})")
+            cols += shape[1]
+            numel = int(torch.Size(shape).numel())
+            if part.get("simulated"):
+                w = _tensor(tensors, f"sim.{name}.{i}.weight", path)
+                if w.numel() != numel:
+                    raise bad(f"{where}.parts[{i}].shape", f"is {list(shape)}, but the stored weight has {w.numel()} values")
+                continue
+            bits = int(part["bits"])
+            qmin, _ = qrange(bits, w_spec.symmetric)
+            if part.get("qmin") != qmin:
+                raise bad(f"{where}.parts[{i}].qmin", f"is {part.get('qmin')!r}, but {bits}-bit {'symmetric' if w_spec.symmetric else 'asymmetric'} "
+                                                      f"weights have qmin {qmin}")
+            if bool(part.get("packed")) != (bits <= 4):
+                raise bad(f"{where}.parts[{i}].packed", f"is {part.get('packed')!r} for {bits}-bit weights")
+            raw = _tensor(tensors, f"int.{name}.{i}.q", path)
+            stored = raw.numel() if bits > 4 else None
+            if (bits > 4 and stored != numel) or (bits <= 4 and raw.numel() != (numel + 1) // 2):
+                raise bad(f"{where}.parts[{i}].shape", f"is {list(shape)} ({numel} weights), but {WEIGHTS} stores {raw.numel()} bytes for them")
+            scale = _tensor(tensors, f"int.{name}.{i}.scale", path)
+            if scale.numel() not in (1, shape[0]):
+                raise bad(f"{where}.parts[{i}]", f"has {scale.numel()} weight scales for {shape[0]} output channels")
+        if cols * groups != g_in:
+            raise bad(f"{where}.geometry.in", f"is {g_in}, but the weights take {cols * groups} input channels")
+    m = manifest["model"]
+    try:
+        num_classes, null = int(m.get("num_classes") or 0), m.get("null_class")
+    except (TypeError, ValueError):
+        raise bad("model.num_classes", f"is {m.get('num_classes')!r}, not an integer") from None
+    table = next((k for k in sorted(tensors) if k.endswith(("class_embedding.weight", "embedding_table.weight"))), None)
+    if "adapter.context" in tensors:
+        table = "adapter.context"
+    if table is not None and num_classes:
+        rows = int(tensors[table].shape[0])
+        need = num_classes + (1 if null is not None and int(null) >= num_classes else 0)
+        if need > rows or (null is not None and not 0 <= int(null) < rows):
+            raise bad("model.num_classes", f"is {num_classes} (null class {null}), but the class table {table} has {rows} rows")
 
 
 def _meta_left(net: nn.Module, persistent: set[str] | None = None) -> list[str]:
