@@ -33,8 +33,8 @@ PRESETS = {
         "calib_samples": CALIB_SAMPLES, "calib_steps": CALIB_STEPS, "noise_samples": NOISE_SAMPLES,
     },
     "quick": {
-        "options": {"recon_samples": 128, "weight_iters": 20, "act_iters": 10, "batch_size": 16},
-        "calib_samples": 32, "calib_steps": 5, "noise_samples": 32,
+        "options": {"recon_samples": 64, "weight_iters": 4, "act_iters": 4, "batch_size": 16},
+        "calib_samples": 16, "calib_steps": 4, "noise_samples": 16,
     },
 }
 

@@ -50,9 +50,10 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
+        p = defaults.PRESETS["quick"]
         return cls(
-            num=40, steps=10, calib_samples=16, calib_steps=4, noise_samples=16, batch_size=40,
-            options=CalibrationOptions(recon_samples=64, weight_iters=4, act_iters=4, batch_size=16),
+            num=40, steps=10, calib_samples=p["calib_samples"], calib_steps=p["calib_steps"], noise_samples=p["noise_samples"],
+            batch_size=40, options=CalibrationOptions(**p["options"]),
         )
 
 
