@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def _pythonpath() -> str:
     """This checkout's src first, keeping any PYTHONPATH the environment needs (e.g. packages installed aside)."""
     return os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
-CONFIG = SamplerConfig("ddim", 3, 1.0, 1.0, 0, 4)  # what `ptqd sample --model ... --steps 3 --batch-size 4` uses
+CONFIG = SamplerConfig("ddim", 3, 1.0, 3.0, 0, 4)  # what `ptqd sample --model digits16-cond --steps 3 --batch-size 4` uses
 NUM, CHUNK = 32, 8
 
 
@@ -116,7 +116,7 @@ def test_resume_after_interruption_is_byte_identical(model, uninterrupted, tmp_p
 def test_chunks_of_another_run_are_refused(model, tmp_path):
     out = tmp_path / "s.npz"
     _interrupted_run(model, out, chunks_done=1)
-    other = SamplerConfig("ddim", 3, 1.0, 1.0, 7, 4)
+    other = SamplerConfig("ddim", 3, 1.0, 3.0, 7, 4)
     with pytest.raises(PtqdError, match=r"different run.*seed is 0 there but 7 here"):
         sample_to_file(model, NUM, other, out, chunk_size=CHUNK, progress=False)
     store = ChunkStore(shard_dir(out), {"x": 1})
