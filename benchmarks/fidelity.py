@@ -7,7 +7,8 @@ Two phases (sampling is the slow part; evaluation reruns in seconds):
     .venv/bin/python benchmarks/fidelity.py sample --num 1000 --seeds 0,1      # calibrates the runs if missing
     .venv/bin/python benchmarks/fidelity.py evaluate --seeds 0,1
 
-``sample`` quantizes two runs into OUT/runs (naive min-max, and Q-Diffusion calibration + PTQD noise
+A file already holding at least ``--num`` images is reused (its first ``--num`` images are exactly a
+run of that size with the same seed and batch size). ``sample`` quantizes two runs into OUT/runs (naive min-max, and Q-Diffusion calibration + PTQD noise
 statistics, both calibrated for 8- and 4-bit activations so one run serves the W4A8 and the W4A4 rows),
 then writes OUT/samples/<row>_seed<S>.npz for FP and every quantized row and seed; finished files are
 skipped, so an interrupted run resumes. ``evaluate`` computes per row and seed the paired metrics against
@@ -46,6 +47,25 @@ ROWS = [  # key, setting, method, run, correction, act bits
     ("ptqd_w4a4", "W4A4", "PTQD", "ptqd", "all", 4),
     ("ptqd_mixed", "W4A4/8", "PTQD mixed", "ptqd", "all", "mixed"),
 ]
+DEFAULT_ROWS = "naive_w4a8,qdiff_w4a8,ptqd_w4a8,naive_w4a4,qdiff_w4a4,ptqd_w4a4,ptqd_mixed"
+
+
+def rows_of(args):
+    keys = args.rows.split(",")
+    unknown = [k for k in keys if k not in {r[0] for r in ROWS}]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: use some of {DEFAULT_ROWS}")
+    return [r for r in ROWS if r[0] in keys]
+
+
+def first(samples, n: int):
+    """The first ``n`` samples of a run: exactly a run of ``n`` with the same seed and batch size."""
+    if len(samples.images) < n:
+        raise SystemExit(f"{n} images asked, the file has {len(samples.images)}")
+    samples.images = samples.images[:n]
+    samples.labels = samples.labels[:n] if samples.labels is not None else None
+    samples.config = {**samples.config, "num": n}
+    return samples
 
 
 def sampler_for(args, seed: int) -> SamplerConfig:
@@ -75,10 +95,10 @@ def sample_all(args) -> None:
     quantized = runs(args, fp)
     for seed in args.seeds:
         sampler = sampler_for(args, seed)
-        todo = [("fp32", None)] + [(r, r) for r in ROWS]
+        todo = [("fp32", None)] + [(r, r) for r in rows_of(args)]
         for key, row in todo:
             path = args.out / "samples" / f"{key if row is None else row[0]}_seed{seed}.npz"
-            if path.is_file():
+            if path.is_file() and len(load_samples(path).images) >= args.num:
                 continue
             t0 = time.perf_counter()
             if row is None:
@@ -94,19 +114,19 @@ def sample_all(args) -> None:
 
 
 def evaluate_all(args) -> None:
-    from ptqd.metrics.fidelity import evaluate_against
+    from ptqd.metrics import evaluate
+    from ptqd.metrics.fidelity import fidelity
 
     results = []
-    fp_files = {s: args.out / "samples" / f"fp32_seed{s}.npz" for s in args.seeds}
-    for key, setting, method, *_ in [("fp32", "FP32", "FP32", None, None, None)] + ROWS:
+    load = lambda key, seed: first(load_samples(args.out / "samples" / f"{key}_seed{seed}.npz"), args.num)  # noqa: E731
+    fps = {s: load("fp32", s) for s in args.seeds}
+    for key, setting, method, *_ in [("fp32", "FP32", "FP32", None, None, None)] + rows_of(args):
         for seed in args.seeds:
-            path = args.out / "samples" / f"{key}_seed{seed}.npz"
-            if not path.is_file():
+            if not (args.out / "samples" / f"{key}_seed{seed}.npz").is_file():
                 continue
-            other = next((s for s in args.seeds if s != seed), None)
-            floor = fp_files[other] if other is not None else None
-            m = evaluate_against(path, fp_files[seed], floor=floor)
-            s = load_samples(path)
+            s = load(key, seed)
+            other = next((o for o in args.seeds if o != seed), None)
+            m = {**evaluate(s.images, s.labels), **fidelity(s, fps[seed], fps[other] if other is not None else None)}
             results.append({
                 "key": key, "setting": setting, "method": method, "seed": seed, "num": len(s.images),
                 "bit_schedule": s.config.get("bit_schedule"), "gbops_sampling": (s.config.get("sampling_bops") or 0) / 1e9 or None,
@@ -114,17 +134,40 @@ def evaluate_all(args) -> None:
             })
             print(f"{key} seed {seed}: psnr {m['psnr']:.2f} fd_fp {m.get('fd_fp', float('nan')):.3f} fd {m['fd']:.2f}", flush=True)
     meta = {
-        "command": "python benchmarks/fidelity.py sample " + _argline(args) + " && python benchmarks/fidelity.py evaluate",
+        "command": "python benchmarks/fidelity.py sample " + _argline(args) + " && python benchmarks/fidelity.py evaluate " + _argline(args),
         "ptqd": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.platform(), "processor": platform.processor() or "cpu",
         "sampler": f"DDIM {args.steps} steps, eta {args.eta:g}, guidance {args.guidance:g}, labels 0..9 cycled",
     }
-    write_json(args.out / "results.json", {**meta, "rows": results})
-    write_table(args, meta, results)
+    diffs = paired_differences(args, load, fps)
+    write_json(args.out / "results.json", {**meta, "rows": results, "paired_differences": diffs})
+    write_table(args, meta, results, diffs)
+
+
+COMPARISONS = [("qdiff_w4a8", "naive_w4a8"), ("ptqd_w4a8", "qdiff_w4a8"), ("qdiff_w4a4", "naive_w4a4"), ("ptqd_w4a4", "qdiff_w4a4")]
+
+
+def paired_differences(args, load, fps) -> list[dict]:
+    """Per-image PSNR difference of two methods on the same images (same seed, label, noise): its mean
+    and 95 % interval (±1.96 standard errors over images), per seed."""
+    from ptqd.metrics.fidelity import paired_arrays
+
+    out = []
+    for a, b in COMPARISONS:
+        for seed in args.seeds:
+            if not all((args.out / "samples" / f"{k}_seed{seed}.npz").is_file() for k in (a, b)):
+                continue
+            pa = paired_arrays(load(a, seed).images, fps[seed].images)["psnr"]
+            pb = paired_arrays(load(b, seed).images, fps[seed].images)["psnr"]
+            d = pa - pb
+            half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+            out.append({"a": a, "b": b, "seed": seed, "mean_db": float(d.mean()), "ci95_db": float(half), "num": int(len(d))})
+    return out
 
 
 def _argline(args) -> str:
-    return f"--num {args.num} --seeds {','.join(map(str, args.seeds))} --steps {args.steps} --eta {args.eta:g} --guidance {args.guidance:g}"
+    return (f"--num {args.num} --seeds {','.join(map(str, args.seeds))} --rows {args.rows} --steps {args.steps} "
+            f"--eta {args.eta:g} --guidance {args.guidance:g}")
 
 
 COLUMNS = [  # key, header, scale, digits
@@ -134,7 +177,7 @@ COLUMNS = [  # key, header, scale, digits
 ]
 
 
-def write_table(args, meta, results) -> None:
+def write_table(args, meta, results, diffs=()) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["setting"], r["method"]), []).append(r)
@@ -145,6 +188,9 @@ def write_table(args, meta, results) -> None:
     for (setting, method), rs in groups.items():
         cells = []
         for key, _, scale, digits in COLUMNS:
+            if key == "psnr" and all(r.get("identical") == r.get("num_pairs") for r in rs):
+                cells.append("= FP")
+                continue
             v = np.array([r[key] for r in rs if r.get(key) is not None], dtype=float) * scale
             if len(v) == 0 or not np.all(np.isfinite(v)):
                 cells.append("–" if len(v) == 0 else f"{v.mean():.{digits}f}")
@@ -170,6 +216,10 @@ def write_table(args, meta, results) -> None:
         "",
         *lines,
         "",
+        "Per-image PSNR differences on the same images (mean, 95 % interval over images, per seed):",
+        "",
+        *[f"- {d['a']} − {d['b']}, seed {d['seed']}: {d['mean_db']:+.2f} ± {d['ci95_db']:.2f} dB" for d in diffs],
+        "",
     ])
     (args.out / "results.md").write_text(text)
     print(text)
@@ -180,6 +230,7 @@ def main() -> None:
     p.add_argument("phase", choices=["sample", "evaluate"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
     p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="which quantized rows (comma-separated keys)")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=1.0)

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="directory for the runs, samples, report.md and plots")
     d.add_argument("--quick", action="store_true", help="a one-minute version (few images, few steps, short calibration)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--num", type=int, default=None, help="images per method (default 200; --quick 40)")
+    d.add_argument("--num", type=int, default=None, help="images per method (default 160; --quick 40)")
     d.add_argument("--no-progress", action="store_true")
     for command in sub.choices.values():  # --debug after the command name works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

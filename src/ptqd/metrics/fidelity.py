@@ -41,13 +41,10 @@ def ssim_window(shape: tuple[int, ...]) -> int | None:
     return w if w >= 3 else None
 
 
-def paired_metrics(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+def paired_arrays(images: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image MSE (pixels scaled to [0, 1]), PSNR (dB) and SSIM of uint8 ``images`` (N, H, W, C)
-    against ``reference`` of the same shape, image ``i`` against reference ``i``.
-
-    Returns mean and std over images (``mse``/``mse_std``, ``psnr``/``psnr_std``, ``ssim``/``ssim_std``),
-    ``identical`` (pairs that are equal; their PSNR is :func:`psnr_cap`) and ``num_pairs``.
-    """
+    against ``reference`` of the same shape, image ``i`` against reference ``i`` (scikit-image). Identical
+    pairs get the PSNR :func:`psnr_cap`; SSIM is left out (empty) for images smaller than 3×3."""
     from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
     a, b = np.asarray(images), np.asarray(reference)
@@ -58,25 +55,27 @@ def paired_metrics(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     cap = psnr_cap(a.shape[1:])
     win = ssim_window(a.shape[1:])
     mse, psnr, ssim = [], [], []
-    identical = 0
     for x, ref in zip(a, b):
         m = mean_squared_error(ref, x) / 255.0**2
         mse.append(m)
-        if m == 0.0:
-            identical += 1
-            psnr.append(cap)
-        else:
-            psnr.append(peak_signal_noise_ratio(ref, x, data_range=255))
+        psnr.append(cap if m == 0.0 else peak_signal_noise_ratio(ref, x, data_range=255))
         if win is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ssim.append(structural_similarity(ref, x, data_range=255, channel_axis=-1, win_size=win))
+    return {"mse": np.asarray(mse, np.float64), "psnr": np.asarray(psnr, np.float64), "ssim": np.asarray(ssim, np.float64)}
+
+
+def paired_metrics(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Mean and std over images of :func:`paired_arrays` (``mse``/``mse_std``, ``psnr``/``psnr_std``,
+    ``ssim``/``ssim_std``), ``identical`` (pairs that are equal; their PSNR is :func:`psnr_cap`) and
+    ``num_pairs``."""
+    arrays = paired_arrays(images, reference)
     out: dict[str, Any] = {}
-    for key, values in (("mse", mse), ("psnr", psnr), ("ssim", ssim)):
-        v = np.asarray(values, dtype=np.float64)
+    for key, v in arrays.items():
         out[key] = float(v.mean()) if len(v) else None
         out[f"{key}_std"] = float(v.std()) if len(v) else None
-    out.update(identical=identical, psnr_cap=cap, num_pairs=int(len(a)))
+    out.update(identical=int((arrays["mse"] == 0).sum()), psnr_cap=psnr_cap(np.asarray(images).shape[1:]), num_pairs=int(len(images)))
     return out
 
 

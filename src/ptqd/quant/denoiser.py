@@ -128,9 +128,13 @@ class QuantizedDenoiser(nn.Module):
         """A view of the same network at other bits (an int, or a {timestep: bits} schedule)."""
         return QuantizedDenoiser(self.net, bits, self.fp_fingerprint)
 
-    def forward(self, sample, timestep, *args, **kwargs):
-        set_act_bits(self.net, self.bits_for(timestep))
-        return self.net(sample, timestep, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        """Called exactly as the wrapped denoiser (``unet(sample, t, …)``, ``transformer(x, timestep=t, …)``)."""
+        t = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        if t is None:
+            raise PtqdError("a quantized denoiser needs the timestep of each call (positionally after the sample, or timestep=)")
+        set_act_bits(self.net, self.bits_for(t))
+        return self.net(*args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
         raise PtqdError(
