@@ -98,7 +98,7 @@ def test_save_pretrained_refuses_and_names_ptqd_save(quantized, tmp_path):
         qpipe.save_pretrained(tmp_path / "y")
 
 
-def test_other_sampler_refused_then_planned(quantized):
+def test_other_sampler_refused_then_planned(quantized, tmp_path):
     conditional, _, _, qpipe = quantized
     with pytest.raises(PtqdError, match="num_inference_steps=10"):
         qpipe.scheduler.set_timesteps(5)
@@ -108,6 +108,9 @@ def test_other_sampler_refused_then_planned(quantized):
     assert five.scheduler.sampler.steps == 5 and type(five) is type(qpipe)
     images = call(five, conditional, num_inference_steps=5)
     assert images.shape == (N, 8, 8, 1)
+    back = ptqd.load(ptqd.save(five, tmp_path / "five.ptqd"), backend="fake")  # the plan travels with the checkpoint
+    assert back.scheduler.sampler.steps == 5
+    assert np.array_equal(call(back, conditional, num_inference_steps=5), images)
 
 
 def test_quantize_a_denoiser_with_a_forward_loop():

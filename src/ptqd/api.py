@@ -53,7 +53,7 @@ class Preset:
     noise_samples: int
 
 
-def preset(name: str) -> Preset:
+def get_preset(name: str) -> Preset:
     """``default`` (the Q-Diffusion/PTQD settings ptqd's results use) or ``quick`` (about a minute on the
     bundled model on 2 CPU cores; for trying things out)."""
     if name not in defaults.PRESETS:
@@ -166,7 +166,7 @@ def quantize(
     from ptqd.runs import quantize as quantize_run
 
     model = as_model(obj, scheduler)
-    p = globals()["preset"](preset)
+    p = get_preset(preset)
     sampler = sampler or default_sampler(model)
     run = quantize_run(
         model, config, method, p.options, p.calib_samples, p.calib_steps, sampler, out=out, progress=progress,

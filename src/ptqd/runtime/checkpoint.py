@@ -359,7 +359,8 @@ def _export_stats(run, out: Path) -> list[dict[str, Any]]:
         sources = [load_stats(src) for src in sorted(Path(run.path).glob("noise_stats_*.safetensors"))
                    if not src.name.endswith(".partial.safetensors")]
     named = {stats_name_of(s) for s in sources}
-    for extra in ([run.stats] if run.stats is not None else []):  # collected in memory (ptqd.quantize without a directory)
+    held = run.stats if isinstance(run.stats, list) else [run.stats]
+    for extra in [s for s in held if s is not None]:  # collected in memory (ptqd.quantize / ptqd.plan without a directory)
         if stats_name_of(extra) not in named:
             sources.append(extra)
     for stats in sources:
