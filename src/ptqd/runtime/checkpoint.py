@@ -25,7 +25,6 @@ format, version, sizes and checksums before reading anything, and refuses damage
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ from torch import nn
 
 from ptqd import __version__
 from ptqd.errors import PtqdError
-from ptqd.integrity import check_seal, seal
+from ptqd.integrity import check_seal, seal, sha256_file
 from ptqd.io import _fsync as _fsync_path, atomic_path, check_output, dir_with, process_umask, write_json
 from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
@@ -85,14 +84,6 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def _fsync_dir(path: Path) -> None:
     _fsync_path(path, directory=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _geometry(m: nn.Module) -> dict[str, Any]:
@@ -258,7 +249,7 @@ def _write_checkpoint(run, out: Path, final: Path, progress: bool) -> None:
         "layers": layers,
         "attention": attention,
         "noise_stats": stats_entries,
-        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
+        "files": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
     }
     fp32_bytes = 4 * sum(p.numel() for p in fp.unet.parameters() if p.is_floating_point() and p.device.type != "meta")
     manifest["size"] = {"weights_bytes": manifest["files"][WEIGHTS]["bytes"], "fp32_param_bytes": fp32_bytes}
@@ -415,7 +406,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
             size = f.stat().st_size
             if size != info["bytes"]:
                 raise PtqdError(f"checkpoint file {f} is truncated or altered: {size} bytes, the manifest says {info['bytes']}; export it again")
-            if _sha256(f) != info["sha256"]:
+            if sha256_file(f) != info["sha256"]:
                 raise PtqdError(f"checkpoint file {f} is corrupt: SHA-256 checksum mismatch with the manifest; export it again")
         check_seal(manifest, mf, "undo the edit or export the checkpoint again")  # older manifests have no seal
     return manifest
