@@ -335,14 +335,10 @@ def _jsonable(v):
 def _export_stats(run, out: Path) -> list[dict[str, Any]]:
     """Copy the run's noise statistics (fitted arrays, no moments) and record their default bit schedule."""
     from ptqd.correction.apply import schedule_for
+    from ptqd.correction.apply import stats_name_for as stats_name_of
     from ptqd.correction.mixed import DEFAULT_CRITERION, describe_schedule
-    from ptqd.correction.stats import load_stats, save_stats, stats_name
+    from ptqd.correction.stats import load_stats, save_stats
     from ptqd.sampling import SamplerConfig
-
-    def stats_name_of(stats) -> str:
-        m = stats.meta
-        sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
-        return stats_name(sampler, m.get("guidance") is not None)
 
     entries = []
     sources = []
