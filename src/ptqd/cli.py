@@ -65,6 +65,7 @@ def _finish(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ptqd import defaults as D
+    from ptqd.correction.models import MODELS as CORRECTION_MODELS
 
     p = argparse.ArgumentParser(prog="ptqd", description="Post-training quantization of diffusion models (PTQD).", formatter_class=_Help)
     p.add_argument("--debug", action="store_true", help="show the Python traceback of unexpected errors (and of Ctrl-C)")
@@ -93,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--correct", default=None,
-        help="PTQD corrections: none, all, or a subset of cnc,bc,vsc (default: all for a --method ptqd run, else none)",
+        help="corrections: none, all, or a subset of cnc,bc,vsc (default: all for a --method ptqd run, else none); "
+        "with a regression --correction-model, cnc/bc stand for its map",
+    )
+    s.add_argument(
+        "--correction-model", choices=list(CORRECTION_MODELS), default=None,
+        help=f"how the quantization error is corrected: ptqd (the paper's CNC/BC, default), mean (per-channel conditional "
+        "mean of ε given ε̂), content (ε regressed on ε̂ and x_t across channels), content-pixel (content + a per-pixel bias "
+        "map); VSC uses each model's own residual variance",
     )
     s.add_argument("--low-bit-steps", type=int, default=None, help="mixed precision override: the first N steps at the lowest bit-width")
     s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
@@ -191,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=None, help=f"seed of the trajectories (default: the run's noise seed, else {D.NOISE_SEED})")
     st.add_argument("--keep-negative-k", action="store_true", help="do not clamp k_t at 0")
     st.add_argument("--mean-of", choices=["error", "residual"], default="error", help="what μ_t averages (official: error)")
+    st.add_argument(
+        "--heldout-samples", type=int, default=None,
+        help=f"trajectories of seed {D.HELDOUT_SEED} every correction model is scored on (default: a quarter of the "
+        f"statistics' trajectories, at most {D.HELDOUT_SAMPLES}; 0: none)",
+    )
+    st.add_argument("--ridge", type=float, default=None, help=f"ridge penalty of the regression correction models (default {D.RIDGE:g})")
     st.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     st.add_argument("--device", default="cpu")
     st.add_argument("--no-progress", action="store_true")
@@ -380,7 +394,9 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
             guidance = run.config["calibration"].get("guidance") or 1.0
         config = SamplerConfig(args.scheduler, args.steps, args.eta, guidance, args.seed, args.batch_size)
         correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
-        from ptqd.correction import DEFAULT_CRITERION
+        from ptqd.correction import DEFAULT_CRITERION, parse_parts
+
+        correct = ",".join(parse_parts(correct, args.correction_model)) or "none"
 
         if args.collect_stats:
             from ptqd.runs import ensure_stats
@@ -397,8 +413,10 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
             if "bit_schedule" in plan.record:
                 print(f"activation bits per step: {plan.record['bit_schedule']}")
     else:
-        if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion or args.backend:
-            raise PtqdError("--act-bits, --correct, --low-bit-steps, --criterion and --backend need a quantization run or checkpoint")
+        if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion or args.backend \
+                or args.correction_model:
+            raise PtqdError("--act-bits, --correct, --correction-model, --low-bit-steps, --criterion and --backend need a quantization "
+                            "run or checkpoint")
         if args.collect_stats:
             raise PtqdError("--collect-stats needs a quantization run directory")
         model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(device)
@@ -567,6 +585,8 @@ def _quantize(args: argparse.Namespace) -> None:
 def _stats(args: argparse.Namespace, ctx, device: str) -> None:
     import dataclasses
 
+    from ptqd import defaults
+
     from ptqd.correction import StatsRequest, collect_stats
     from ptqd.runs import load_run
     from ptqd.sampling import SamplerConfig
@@ -603,6 +623,8 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
         seed=seed,
         clamp_k=not args.keep_negative_k,
         mean_of=args.mean_of,
+        heldout_samples=args.heldout_samples,
+        ridge=defaults.RIDGE if args.ridge is None else args.ridge,
     )
     stats = collect_stats(run, request, out=args.run, progress=not args.no_progress)
     if ctx.main:
@@ -613,10 +635,16 @@ def _print_stats(run, stats) -> None:
     from ptqd.metrics import format_table
 
     rows = []
+    r2 = stats.r2("heldout") or stats.r2("fit")
+    shown = [k for k in ("ptqd:cnc,bc", "mean", "content", "content-pixel") if k in r2]
     for b in stats.bits:
-        for row in stats.table(b)[:: max(1, len(stats.timesteps) // 10)]:
-            rows.append({"name": f"A{b} t={row['t']}", **{k: row[k] for k in ("k", "r", "sigma", "rel_err")}})
-    print(format_table(rows, ["k", "r", "sigma", "rel_err"]))
+        for i, row in list(enumerate(stats.table(b)))[:: max(1, len(stats.timesteps) // 10)]:
+            rows.append({"name": f"A{b} t={row['t']}", **{k: row[k] for k in ("k", "r", "sigma", "rel_err")},
+                         **{f"R² {k}": float(r2[k][stats.bit(b), i]) for k in shown}})
+    print(format_table(rows, ["k", "r", "sigma", "rel_err"] + [f"R² {k}" for k in shown]))
+    if shown:
+        which = "held-out trajectories" if stats.r2("heldout") else "the fitting trajectories"
+        print(f"R²: share of the quantization error E|ε̂ − ε|² each correction model removes, on {which} (negative: it adds error)")
     if len(stats.bits) > 1:
         from ptqd.correction import DEFAULT_CRITERION, describe_schedule, schedule_for
         from ptqd.correction.apply import bops_per_bits

@@ -3,8 +3,9 @@
 Sampling: DDIM, 50 steps, eta 1, classifier-free guidance 3 for conditional models (1 otherwise),
 seed 0. Calibration: 256 FP trajectories × 10 kept steps (seed 1000, never an evaluation seed),
 1024 reconstruction inputs, 200 AdaRound and 100 step-size iterations per block, batch 32. Noise
-statistics: 256 trajectories, seed 2000. Presets: ``default`` (those) and ``quick`` (about a minute
-on the bundled model on 2 CPU cores).
+statistics: 256 trajectories, seed 2000, scored on held-out trajectories of seed 2001 (a quarter as
+many, at most 64); correction model ``ptqd`` (the paper's). Presets: ``default`` (those) and ``quick``
+(about a minute on the bundled model on 2 CPU cores).
 """
 
 SCHEDULER = "ddim"
@@ -26,6 +27,10 @@ RECON_BATCH = 32
 
 NOISE_SAMPLES = 256
 NOISE_SEED = 2000
+HELDOUT_SAMPLES = 64  # at most: trajectories of another seed every correction model is scored on (a quarter of the fit's)
+HELDOUT_SEED = 2001
+CORRECTION_MODEL = "ptqd"  # the paper's CNC/BC; mean, content, content-pixel: ptqd.correction.models
+RIDGE = 1e-4  # ridge penalty of the regression correction models, relative to the feature variance
 
 PRESETS = {
     "default": {
@@ -34,7 +39,7 @@ PRESETS = {
     },
     "quick": {
         "options": {"recon_samples": 64, "weight_iters": 4, "act_iters": 4, "batch_size": 16},
-        "calib_samples": 16, "calib_steps": 4, "noise_samples": 16,
+        "calib_samples": 16, "calib_steps": 4, "noise_samples": 16
     },
 }
 

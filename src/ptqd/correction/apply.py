@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ptqd import distributed
+from ptqd import defaults, distributed
 from ptqd.correction.corrector import Corrector, parse_parts
 from ptqd.correction.mixed import DEFAULT_CRITERION, bit_schedule, describe_schedule, sampling_bops
 from ptqd.correction.stats import (
@@ -63,6 +63,7 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     """Algorithm 1 on ``run``: FP trajectories of ``request.sampler``, the quantized twin evaluated on
     the same inputs at every step for each activation bit-width; fitted and (with ``out``, a run
     directory) saved as ``stats_name(...)``. Resumes an interrupted collection."""
+    request.validate()
     bits = sorted(request.bits or calibrated_bits(run))
     have = calibrated_bits(run)
     missing = [b for b in bits if b not in have]
@@ -83,8 +84,8 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     if path is not None and path.is_file():
         old = load_stats(path)
         same = all(old.meta.get(k) == v for k, v in json.loads(json.dumps(meta)).items() if k != "batch_size")
-        if same and old.moments is not None:  # same collection: only the fit options changed
-            stats = fit(old.moments, request.clamp_k, request.mean_of, meta)
+        if same and old.moments is not None and old.moments.joint is not None:  # same collection: only the fit options changed
+            stats = fit(old.moments, request.clamp_k, request.mean_of, meta, request.ridge, old.heldout)
             distributed.barrier(distributed.context())  # every rank has read the file before rank 0 rewrites it
             if distributed.context().main:
                 save_stats(stats, path)
@@ -95,26 +96,35 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
         set_act_bits(qnet, b)
         return fp.denoise(x, t, y, guidance, unet=qnet)
 
+    n_held = request.heldout_count()
+    held_partial = path.with_suffix(".heldout.parts") if path is not None else None
     try:
         moments = collect_moments(
             fp, quantized, bits, request.num_samples, request.sampler, request.seed, progress, partial, meta
         )
+        heldout = None
+        if n_held:  # trajectories of another seed: every correction model is scored on them
+            heldout = collect_moments(
+                fp, quantized, bits, n_held, request.sampler, request.heldout_seed, progress, held_partial, meta
+            )
     finally:
         if before is not None:
             set_act_bits(qnet, before)
-    stats = fit(moments, request.clamp_k, request.mean_of, meta)
+    stats = fit(moments, request.clamp_k, request.mean_of, meta, request.ridge, heldout)
     if path is not None and distributed.context().main:  # under torchrun every rank has the stats; rank 0 writes
         save_stats(stats, path)
         shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(held_partial, ignore_errors=True)
     return stats
 
 
-def refit(stats: NoiseStats, clamp_k: bool = True, mean_of: str = "error") -> NoiseStats:
+def refit(stats: NoiseStats, clamp_k: bool = True, mean_of: str = "error", ridge: float | None = None) -> NoiseStats:
     """The same statistics fitted with other options (needs the stored moments)."""
     if stats.moments is None:
         raise PtqdError(f"{stats.path} holds no moments to refit; collect the statistics again")
-    meta = {k: v for k, v in stats.meta.items() if k not in ("clamp_k", "mean_of")}
-    out = fit(stats.moments, clamp_k, mean_of, meta)
+    meta = {k: v for k, v in stats.meta.items() if k not in ("clamp_k", "mean_of", "ridge")}
+    ridge = float(stats.meta.get("ridge", defaults.RIDGE)) if ridge is None else ridge
+    out = fit(stats.moments, clamp_k, mean_of, meta, ridge, stats.heldout)
     out.path = stats.path
     return out
 
@@ -197,12 +207,14 @@ def plan_sampling(
     act_bits: int | str | None = None,
     low_steps: int | None = None,
     criterion: str = DEFAULT_CRITERION,
+    model: str | None = None,
 ) -> SamplingPlan:
     """Corrections ``correct`` (none|all|subset of cnc,bc,vsc); ``act_bits`` an int, ``"mixed"``
     (bit-width per step from the statistics) or None (the run's default: mixed for a PTQD run
     calibrated for several bit-widths, else its act_bits). ``low_steps`` forces the first N steps to the
-    lowest bit-width."""
-    parts = parse_parts(correct)
+    lowest bit-width. ``model``: the correction model (``ptqd`` default; a regression model replaces
+    CNC/BC, see :func:`ptqd.correction.corrector.parse_parts`)."""
+    parts = parse_parts(correct, model)
     bits_avail = calibrated_bits(run)
     if act_bits is None:
         act_bits = "mixed" if (run.config.get("correction") or {}).get("mixed_precision") else run.quant_config.act_bits

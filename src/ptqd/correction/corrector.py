@@ -16,6 +16,13 @@ schedule calibration (VSC), over diffusers' DDPM and DDIM schedulers.
     from the scheduler's alphas and its x̂_0 (clipped as the scheduler clips it), and the noise is
     rescaled to σ'_t·z. c_t = β_t / (√α_t·√(1−ᾱ_t)) with the step's effective α_t = ᾱ_t/ᾱ_{t−1}.
 
+Regression correction models (``mean``, ``content``, ``content-pixel``; :mod:`ptqd.correction.models`)
+replace CNC/BC by their map ε_corr = Wᵀ[ε̂, x_t, 1] (+ pixel bias). Their estimate is a conditional
+mean, whose error r (mean square s_t², the model's own residual) is uncorrelated with it, so the FP
+step's variance is matched by *growing* the sampler noise: σ'_t² = σ_t² + c_t²·s_t² (VSC for these
+models). DDIM takes σ'_t on the noise only (the direction term keeps σ_t, so the variance matches
+exactly), DDPM rescales its noise draw; eta = 0 stays a no-op.
+
 Both keep the random numbers drawn identical to uncorrected sampling, so runs with and without a
 correction differ only by the correction: when VSC shrinks a DDIM step's noise to zero (diffusers then
 draws nothing), the step's noise is drawn anyway and discarded.
@@ -29,25 +36,48 @@ from typing import Any
 
 import torch
 
+from ptqd.correction.models import MAPS, MODELS, apply_map
 from ptqd.correction.stats import NoiseStats
 from ptqd.errors import PtqdError
 
-PARTS = ("cnc", "bc", "vsc")
+PARTS = ("cnc", "bc", "vsc")  # PTQD's
+ORDER = ("cnc", "bc") + MAPS + ("vsc",)  # canonical order of every correction part
 
 
-def parse_parts(text: str | list[str] | None) -> tuple[str, ...]:
-    """``none``, ``all`` or a comma-separated subset of cnc, bc, vsc → a tuple in canonical order."""
+def parse_parts(text: str | list[str] | tuple | None, model: str | None = None) -> tuple[str, ...]:
+    """``none``, ``all`` or a comma-separated subset of cnc, bc, vsc, or one regression model (mean,
+    content, content-pixel) with or without vsc → a tuple in canonical order.
+
+    ``model`` (the correction model, default ``ptqd``): a regression model replaces CNC/BC, so
+    ``all`` becomes (model, vsc), and any of cnc/bc (or vsc alone) becomes the model (with vsc if given)."""
+    if model is not None and model not in MODELS:
+        raise PtqdError(f"unknown correction model {model!r}: use one of {', '.join(MODELS)}")
     if text is None:
         return ()
-    items = text if isinstance(text, list) else [s.strip().lower() for s in text.split(",") if s.strip()]
+    items = list(text) if isinstance(text, (list, tuple)) else [s.strip().lower() for s in text.split(",") if s.strip()]
     if items in (["none"], []):
         return ()
     if items == ["all"]:
-        return PARTS
-    bad = [p for p in items if p not in PARTS]
+        items = list(PARTS)
+    bad = [p for p in items if p not in ORDER]
     if bad:
-        raise PtqdError(f"unknown correction {', '.join(bad)}: use none, all, or a comma-separated subset of {', '.join(PARTS)}")
-    return tuple(p for p in PARTS if p in items)
+        raise PtqdError(
+            f"unknown correction {', '.join(bad)}: use none, all, a comma-separated subset of {', '.join(PARTS)}, "
+            f"or one of {', '.join(MAPS)} (optionally with vsc)"
+        )
+    maps = [p for p in items if p in MAPS]
+    if len(maps) > 1 or (maps and any(p in items for p in ("cnc", "bc"))):
+        raise PtqdError(f"corrections {', '.join(items)} do not combine: use one of cnc/bc, {', '.join(MAPS)} (each optionally with vsc)")
+    if model is not None and model != "ptqd":
+        if maps and maps[0] != model:
+            raise PtqdError(f"correction {maps[0]} and correction model {model} disagree: give one of them")
+        items = [model] + (["vsc"] if "vsc" in items else [])
+    return tuple(p for p in ORDER if p in items)
+
+
+def correction_model(parts: tuple[str, ...]) -> str:
+    """The correction model a parts tuple uses: ``ptqd`` or the regression model's name."""
+    return next((p for p in parts if p in MAPS), "ptqd")
 
 
 def ddim_quantities(scheduler, t: int, eta: float) -> dict[str, float]:
@@ -113,13 +143,28 @@ class Corrector:
             self.bits_at = {t: bits for t in self.stats.timesteps}
         for b in set(self.bits_at.values()):
             self.stats.bit(b)
-        self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.model = correction_model(self.parts)
+        self.stats.need_model(self.model)
+        self._cache: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _params(self, t: int) -> dict[str, Any]:
         return self.stats.step(self.bits_at[int(t)], int(t))
 
-    def correct_eps(self, eps: torch.Tensor, t) -> torch.Tensor:
-        """CNC and/or BC on the (guided) quantized noise prediction."""
+    def correct_eps(self, eps: torch.Tensor, t, x: torch.Tensor | None = None) -> torch.Tensor:
+        """CNC and/or BC, or the regression model's map (which needs the sampler state ``x``), on the
+        (guided) quantized noise prediction."""
+        if self.model != "ptqd":
+            if x is None:
+                raise PtqdError(f"the {self.model} correction model needs the sampler state x_t")
+            key = (int(t), str(eps.device), eps.dtype)
+            if key not in self._cache:
+                W, bias = self.stats.map_step(self.model, self.bits_at[int(t)], int(t))
+                as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=eps.dtype, device=eps.device)  # noqa: E731
+                self._cache[key] = (as_t(W), as_t(bias))
+            W, bias = self._cache[key]
+            if bias is not None and bias.shape[-1] != eps.shape[-1] * eps.shape[-2]:
+                raise PtqdError(f"the {self.model} statistics were collected for another image size than {tuple(eps.shape[-2:])}")
+            return apply_map(eps, x, W, bias)
         p = self._params(int(t))
         if "bc" in self.parts:
             mu = torch.as_tensor(p["mu"], dtype=eps.dtype, device=eps.device).view(1, -1, 1, 1)
@@ -129,6 +174,9 @@ class Corrector:
         return eps
 
     def residual_std(self, t) -> float:
+        """Std of the error left in the corrected ε at step t (what VSC accounts for)."""
+        if self.model != "ptqd":
+            return math.sqrt(self.stats.residual_var(self.model, self.bits_at[int(t)], int(t)))
         p = self._params(int(t))
         return p["sigma"] / (1.0 + p["k"]) if "cnc" in self.parts else p["sigma"]
 
@@ -138,13 +186,21 @@ class Corrector:
             raise PtqdError(
                 f"PTQD corrects noise (epsilon) predictions; this scheduler is set to {scheduler.config.prediction_type!r}"
             )
-        eps = self.correct_eps(eps, t)
+        eps = self.correct_eps(eps, t, x)
         kind = type(scheduler).__name__
         if kind.startswith("DDIM"):
             if "vsc" not in self.parts or eta == 0:
                 return scheduler.step(eps, t, x, eta=eta, generator=generators).prev_sample
             q = ddim_quantities(scheduler, t, eta)
-            new_sigma = self._shrunk(q, t)
+            if self.model != "ptqd":  # grow the noise only: the direction term keeps σ_t (see module docstring)
+                from diffusers.utils.torch_utils import randn_tensor
+
+                new_sigma = self._vsc_sigma(q, t)
+                noise = randn_tensor(eps.shape, generator=generators, device=eps.device, dtype=eps.dtype)
+                scale = new_sigma / q["sigma"] if q["sigma"] > 0 else 0.0
+                return scheduler.step(eps, t, x, eta=eta, variance_noise=noise * scale).prev_sample
+
+            new_sigma = self._vsc_sigma(q, t)
             new_eta = new_sigma / math.sqrt(q["variance"]) if q["variance"] > 0 else 0.0
             out = scheduler.step(eps, t, x, eta=new_eta, generator=generators).prev_sample
             if new_eta <= 0:  # diffusers draws no noise at eta 0: draw (and discard) it to keep the generators in step
@@ -159,14 +215,20 @@ class Corrector:
             q = ddpm_quantities(scheduler, t)
             if q["sigma"] == 0:
                 return out.prev_sample
-            new_sigma = self._shrunk(q, t)
+            new_sigma = self._vsc_sigma(q, t)
             mean = q["coef_x0"] * out.pred_original_sample + q["coef_xt"] * x
             return mean + (new_sigma / q["sigma"]) * (out.prev_sample - mean)
         raise PtqdError(f"PTQD correction supports DDIM and DDPM schedulers, not {kind}")
 
-    def _shrunk(self, q: dict[str, float], t) -> float:
+    def _vsc_variance(self, q: dict[str, float], t) -> float:
+        """σ'_t²: shrunk by c_t²·res² for PTQD, grown by it for the regression models."""
         res = self.residual_std(t)
-        var = q["sigma"] ** 2 - q["c"] ** 2 * res**2
+        sign = -1.0 if self.model == "ptqd" else 1.0
+        return q["sigma"] ** 2 + sign * q["c"] ** 2 * res**2
+
+    def _vsc_sigma(self, q: dict[str, float], t) -> float:
+        res = self.residual_std(t)
+        var = self._vsc_variance(q, t)
         new = math.sqrt(var) if var > 0 else 0.0
         self.log.append({"t": int(t), "sigma": q["sigma"], "sigma_vsc": new, "c": q["c"], "residual_std": res})
         return new
@@ -194,10 +256,10 @@ class Corrector:
                     q = ddim_quantities(sched, t, eta) if scheduler == "ddim" else ddpm_quantities(sched, t)
                 except PtqdError:
                     break
-                shrink = q["c"] ** 2 * self.residual_std(t) ** 2
-                if q["sigma"] > 0 and shrink > 0:
+                change = q["c"] ** 2 * self.residual_std(t) ** 2
+                if q["sigma"] > 0 and change > 0:
                     acting += 1
-                    zeroed += q["sigma"] ** 2 - shrink <= 0
+                    zeroed += self._vsc_variance(q, t) <= 0
             if acting < len(steps):
                 notes.append(f"vsc acts on {acting} of {len(steps)} steps (on the others the sampler adds no noise or the residual is 0)")
             if zeroed:
@@ -215,6 +277,7 @@ class Corrector:
     def describe(self) -> dict[str, Any]:
         return {
             "parts": list(self.parts),
+            "model": self.model,
             "statistics": str(self.stats.path) if self.stats.path else None,
             "bit_schedule": {str(t): b for t, b in self.bits_at.items()} if len(set(self.bits_at.values())) > 1 else None,
         }

@@ -15,6 +15,12 @@ Fit per step (official PTQD code where the paper is vague):
 * ``sigma``: mean over samples of each sample's (unbiased) std of Δε − kε (official).
 * ``r``: correlation coefficient of Δε and ε; ``fp_var``: variance of the FP output;
   ``rel_err``: RMS(Δε)/RMS(ε), to spot steps (t≈0) where the fit is not to be trusted.
+
+The same pass also streams the joint second moments of [ε, ε̂, x_t, 1] (``J``) and their per-pixel
+sums (``P``) that the regression correction models of :mod:`ptqd.correction.models` are fitted from
+(``mean``, ``content``, ``content-pixel``), and a second, smaller pass over trajectories of another
+seed (``heldout``) on which every model, PTQD's included, is scored: per step, the share of the
+quantization error E|ε̂ − ε|² it removes (R², negative when it adds error), in-sample and held out.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from ptqd import __version__, defaults, integrity
 from ptqd.validate import check_object, parse_json
 from ptqd.checks import check_finite
+from ptqd.correction import models as cm
 from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
 from ptqd.models.loading import DiffusionModel
@@ -40,6 +47,7 @@ STATS_SEED = defaults.NOISE_SEED  # differs from calibration (1000) and evaluati
 MOMENTS = ("s_e", "s_d", "s_ee", "s_dd", "s_ed")  # per sample, over all elements
 MEAN_OF = ("error", "residual")
 # metadata that must agree between statistics and the sampling run that uses them
+JOINT = ("J", "P")  # summed over samples: (bits, steps, 3C+1, 3C+1) and (bits, steps, 3C, H·W)
 MATCH_KEYS = ("model_fingerprint", "quant_fingerprint", "weight_bits", "scheduler", "steps", "eta", "guidance")
 
 
@@ -53,10 +61,23 @@ class NoiseMoments:
     elements: int  # C·H·W per sample
     channels: int
     m: dict[str, np.ndarray]
+    joint: dict[str, np.ndarray] | None = None  # "J", "P" (see JOINT); None in files written before ptqd 0.6
 
     @property
     def num_samples(self) -> int:
         return int(self.m["s_e"].shape[2])
+
+
+def merge_moments(a: NoiseMoments, b: NoiseMoments) -> NoiseMoments:
+    """The moments of two collections (same bit-widths, steps and shapes) as one: per-sample sums are
+    concatenated (a's samples first), joint sums added."""
+    if (a.bits, a.timesteps, a.elements, a.channels) != (b.bits, b.timesteps, b.elements, b.channels):
+        raise PtqdError("cannot merge noise moments of different bit-widths, steps or shapes")
+    m = {k: np.concatenate([a.m[k], b.m[k]], axis=2) for k in a.m}
+    joint = None
+    if a.joint is not None and b.joint is not None:
+        joint = {k: a.joint[k] + b.joint[k] for k in JOINT}
+    return NoiseMoments(list(a.bits), list(a.timesteps), a.elements, a.channels, m, joint)
 
 
 @dataclass
@@ -75,6 +96,46 @@ class NoiseStats:
     rel_err: np.ndarray
     moments: NoiseMoments | None = None
     path: Path | None = None
+    heldout: NoiseMoments | None = None
+    # fitted regression maps: model → (W (bits, steps, 2C+1, C), pixel bias (bits, steps, C, H·W) or None)
+    maps: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    # per-element mean squares (bits, steps): "error" (uncorrected ε̂ − ε) and each model's residual,
+    # on the fitting trajectories ("fit") and the held-out ones ("heldout")
+    mse: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    x_var: np.ndarray | None = None  # per-element variance of x_t per step (FP trajectories)
+
+    def models(self) -> list[str]:
+        """The correction models these statistics can apply (``ptqd`` always)."""
+        return ["ptqd"] + [m for m in cm.MAPS if m in self.maps]
+
+    def need_model(self, model: str) -> None:
+        if model not in cm.MODELS:
+            raise PtqdError(f"unknown correction model {model!r}: use one of {', '.join(cm.MODELS)}")
+        if model != "ptqd" and model not in self.maps:
+            where = f" in {self.path}" if self.path else ""
+            raise PtqdError(
+                f"the noise statistics{where} hold no moments for the {model!r} correction model (they were written by an "
+                "older ptqd); collect them again with `ptqd stats RUN` (it collects anew when the file lacks them)"
+            )
+
+    def map_step(self, model: str, bits: int, t: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """W (2C+1, C) and the pixel bias (C, H·W) or None of a regression model at one step."""
+        self.need_model(model)
+        b, s = self.bit(bits), self.index(t)
+        W, bias = self.maps[model]
+        return W[b, s], (None if bias is None else bias[b, s])
+
+    def residual_var(self, model: str, bits: int, t: int, parts=("cnc", "bc")) -> float:
+        """The per-element mean square the model leaves in ε at one step (fitting trajectories)."""
+        return float(self.mse["fit"][_score_key(model, parts)][self.bit(bits), self.index(t)])
+
+    def r2(self, which: str = "heldout") -> dict[str, np.ndarray]:
+        """Per model, the share of the quantization error removed, 1 − E|ε_corr − ε|²/E|ε̂ − ε|², (bits, steps)."""
+        table = self.mse.get(which) or {}
+        if "error" not in table:
+            return {}
+        err = np.maximum(table["error"], 1e-30)
+        return {k: 1.0 - v / err for k, v in table.items() if k != "error"}
 
     def index(self, t: int) -> int:
         try:
@@ -113,13 +174,57 @@ class NoiseStats:
                 "mu": [float(v) for v in self.mu[b, i]],
                 "fp_var": float(self.fp_var[i]),
                 "rel_err": float(self.rel_err[b, i]),
+                **{f"r2_{which}": {k: float(v[b, i]) for k, v in self.r2(which).items()} for which in ("fit", "heldout") if self.r2(which)},
             }
             for i, t in enumerate(self.timesteps)
         ]
 
 
-def fit(moments: NoiseMoments, clamp_k: bool = True, mean_of: str = "error", meta: dict | None = None) -> NoiseStats:
-    """Fit k, μ, σ, r per (bit-width, step) from streamed moments (see module docstring)."""
+def _score_key(model: str, parts=("cnc", "bc")) -> str:
+    """The key of a model in NoiseStats.mse: ``ptqd`` with its CNC/BC parts (``ptqd:cnc,bc``) or the model's name."""
+    if model != "ptqd":
+        return model
+    used = [p for p in ("cnc", "bc") if p in parts]
+    return "ptqd:" + (",".join(used) or "none")
+
+
+PTQD_SCORED = (("cnc", "bc"), ("cnc",), ("bc",))
+
+
+def score_models(stats: "NoiseStats", moments: NoiseMoments) -> dict[str, np.ndarray]:
+    """Per-element mean squares (bits, steps) of the uncorrected error and of every model's residual on ``moments``."""
+    c, n = moments.channels, moments.num_samples
+    J, P = moments.joint["J"], moments.joint["P"]
+    nb, ns = J.shape[:2]
+    out = {"error": np.zeros((nb, ns))}
+    for parts in PTQD_SCORED:
+        out[_score_key("ptqd", parts)] = np.zeros((nb, ns))
+    for m in stats.maps:
+        out[m] = np.zeros((nb, ns))
+    for b in range(nb):
+        for s in range(ns):
+            out["error"][b, s] = cm.error_mse(J[b, s], c)
+            for parts in PTQD_SCORED:
+                W = cm.ptqd_map(stats.k[b, s], stats.mu[b, s], parts, c)
+                out[_score_key("ptqd", parts)][b, s] = cm.residual_mse(J[b, s], P[b, s], n, c, W, None)
+            for m, (W, bias) in stats.maps.items():
+                out[m][b, s] = cm.residual_mse(J[b, s], P[b, s], n, c, W[b, s], None if bias is None else bias[b, s])
+    return out
+
+
+def fit(
+    moments: NoiseMoments,
+    clamp_k: bool = True,
+    mean_of: str = "error",
+    meta: dict | None = None,
+    ridge: float = defaults.RIDGE,
+    heldout: NoiseMoments | None = None,
+) -> NoiseStats:
+    """Fit k, μ, σ, r per (bit-width, step) from streamed moments (see module docstring); with joint
+    moments also the regression correction models (``ridge``: their penalty), scored on ``moments``
+    and, when given, on the ``heldout`` collection."""
+    if ridge < 0 or not np.isfinite(ridge):
+        raise PtqdError(f"the ridge penalty must be a finite number ≥ 0, got {ridge}")
     if mean_of not in MEAN_OF:
         raise PtqdError(f"mean_of must be one of {', '.join(MEAN_OF)}, got {mean_of!r}")
     m = {k: v.astype(np.float64) for k, v in moments.m.items()}
@@ -154,7 +259,7 @@ def fit(moments: NoiseMoments, clamp_k: bool = True, mean_of: str = "error", met
         )
     meta = dict(meta or {})
     meta.update({"clamp_k": clamp_k, "mean_of": mean_of})
-    return NoiseStats(
+    stats = NoiseStats(
         meta=meta,
         bits=list(moments.bits),
         timesteps=list(moments.timesteps),
@@ -166,7 +271,50 @@ def fit(moments: NoiseMoments, clamp_k: bool = True, mean_of: str = "error", met
         fp_var=var_e[0],
         rel_err=rel_err,
         moments=moments,
+        heldout=heldout,
     )
+    if moments.joint is not None:
+        meta["ridge"] = float(ridge)
+        _attach_models(stats, ridge)
+    return stats
+
+
+def _attach_models(stats: NoiseStats, ridge: float) -> None:
+    """The regression maps, every model's scores and x_t's variance, from the joint moments."""
+    moments, heldout = stats.moments, stats.heldout
+    _fit_maps(stats, moments, ridge)
+    stats.mse["fit"] = score_models(stats, moments)
+    if heldout is not None and heldout.joint is not None:
+        stats.mse["heldout"] = score_models(stats, heldout)
+    if True:
+        c = moments.channels
+        J = moments.joint["J"][0]  # x_t is the FP trajectory's: the same for every bit-width
+        n = J[:, -1, -1]
+        xs = np.arange(2 * c, 3 * c)
+        ex2 = np.stack([np.trace(J[s][np.ix_(xs, xs)]) for s in range(len(n))]) / (n * c)
+        ex = J[:, xs, -1] / n[:, None]
+        stats.x_var = ex2 - (ex**2).mean(-1)
+
+
+def _fit_maps(stats: NoiseStats, moments: NoiseMoments, ridge: float) -> None:
+    c, n = moments.channels, moments.num_samples
+    J, P = moments.joint["J"], moments.joint["P"]
+    nb, ns = J.shape[:2]
+    for model in cm.MAPS:
+        W = np.zeros((nb, ns, 2 * c + 1, c))
+        bias = np.zeros((nb, ns, c, P.shape[-1])) if model == "content-pixel" else None
+        for b in range(nb):
+            for s in range(ns):
+                w, bb = cm.fit_map(J[b, s], P[b, s], n, c, model, ridge)
+                if not (np.isfinite(w).all() and (bb is None or np.isfinite(bb).all())):
+                    raise PtqdError(
+                        f"the {model!r} correction model is not finite at step {s + 1}/{ns} (t={moments.timesteps[s]}) for "
+                        f"{moments.bits[b]}-bit activations; nothing was saved"
+                    )
+                W[b, s] = w
+                if bias is not None:
+                    bias[b, s] = bb
+        stats.maps[model] = (W, bias)
 
 
 def sample_moments(eps: torch.Tensor, err: torch.Tensor) -> dict[str, np.ndarray]:
@@ -196,8 +344,9 @@ def collect_moments(
     partial: Path | None = None,
     meta: dict | None = None,
     ctx=None,
+    first: int = 0,
 ) -> NoiseMoments:
-    """Drive ``num_samples`` FP trajectories with ``sampler`` and record, at every step, the moments of
+    """Drive ``num_samples`` FP trajectories (sample indices ``first`` … ``first + num_samples − 1``) with ``sampler`` and record, at every step, the moments of
     the error of ``quantized(bits, x, t, labels, guidance)`` (guided output) for each bit-width.
 
     Trajectories go in batches of ``sampler.batch_size``. With ``partial`` (a directory), finished
@@ -212,7 +361,7 @@ def collect_moments(
         raise PtqdError(f"noise statistics need at least 2 samples, got {num_samples}")
     sampler.validate()
     ctx = ctx or distributed.context()
-    labels = default_labels(model, num_samples)
+    labels = default_labels(model, first + num_samples)
     shape = (model.channels, model.image_size, model.image_size)
     timesteps = [int(t) for t in make_scheduler(model, sampler.scheduler, sampler.steps).timesteps]
 
@@ -225,7 +374,10 @@ def collect_moments(
             for b in bits:
                 q = quantized(b, step.x, step.t, step.y, step.guidance)
                 check_finite(q, f"noise statistics: the quantized network output (A{b}) at {where}")
-                moments.append(sample_moments(step.eps, q - step.eps))
+                mom = sample_moments(step.eps, q - step.eps)
+                J, P = cm.batch_moments(step.eps, q, step.x)
+                mom.update(J=J[None], P=P[None])  # one chunk: summed over chunks below
+                moments.append(mom)
             per_step.append(moments)
 
         run = dataclasses.replace(sampler, seed=seed)
@@ -238,7 +390,7 @@ def collect_moments(
     store = None
     if partial is not None:
         store = ChunkStore(partial, {**(meta or {}), "bits": list(bits), "seed": seed, "batch_size": sampler.batch_size})
-    ranges = distributed.chunk_ranges(num_samples, sampler.batch_size)
+    ranges = [(a + first, b + first) for a, b in distributed.chunk_ranges(num_samples, sampler.batch_size)]
     try:
         results = distributed.run_chunks(
             ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
@@ -249,7 +401,8 @@ def collect_moments(
             store.remove_if_empty()  # nothing to resume from: leave no empty directory behind
         raise
     m = {name: np.concatenate([results[r][name] for r in ranges], axis=2) for name in results[ranges[0]]}
-    return NoiseMoments(list(bits), timesteps, int(np.prod(shape)), shape[0], m)
+    joint = {k: m.pop(k).sum(axis=2) for k in JOINT if k in m}  # chunk sums, added in sample order
+    return NoiseMoments(list(bits), timesteps, int(np.prod(shape)), shape[0], m, joint or None)
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -275,8 +428,11 @@ def save_stats(stats: NoiseStats, path: str | Path) -> Path:
     meta = dict(stats.meta)
     if stats.moments is not None:
         arrays.update({f"moments.{k}": v for k, v in stats.moments.m.items()})
+        arrays.update({f"moments.{k}": v for k, v in (stats.moments.joint or {}).items()})
         meta["elements"] = stats.moments.elements
         meta["channels"] = stats.moments.channels
+    if stats.heldout is not None:
+        arrays.update({f"heldout.{k}": v for k, v in {**stats.heldout.m, **(stats.heldout.joint or {})}.items()})
     arrays = {k: np.ascontiguousarray(v, dtype=np.float64 if v.dtype.kind == "f" else v.dtype) for k, v in arrays.items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata={"ptqd_noise_stats": json.dumps(meta)})
@@ -310,13 +466,9 @@ def load_stats(path: str | Path) -> NoiseStats:
         raise PtqdError(f"{path} lacks {', '.join(missing)}; {fix}")
     _check_shapes(path, arrays, meta, fix)
     integrity.verify(path, fix)
-    moments = None
-    if "moments.s_e" in arrays:
-        m = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("moments.")}
-        moments = NoiseMoments(
-            [int(b) for b in arrays["bits"]], [int(t) for t in arrays["timesteps"]], int(meta["elements"]), int(meta["channels"]), m
-        )
-    return NoiseStats(
+    moments = _read_moments(arrays, "moments", meta)
+    heldout = _read_moments(arrays, "heldout", meta)
+    stats = NoiseStats(
         meta=meta,
         bits=[int(b) for b in arrays["bits"]],
         timesteps=[int(t) for t in arrays["timesteps"]],
@@ -329,12 +481,31 @@ def load_stats(path: str | Path) -> NoiseStats:
         rel_err=arrays["rel_err"],
         moments=moments,
         path=path,
+        heldout=heldout,
+    )
+    if moments is not None and moments.joint is not None:
+        try:
+            _attach_models(stats, float(meta.get("ridge", defaults.RIDGE)))
+        except PtqdError as e:
+            raise PtqdError(f"{path}: {e}; {fix}") from None
+    return stats
+
+
+def _read_moments(arrays: dict[str, np.ndarray], prefix: str, meta: dict[str, Any]) -> NoiseMoments | None:
+    if f"{prefix}.s_e" not in arrays:
+        return None
+    m = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(prefix + ".")}
+    joint = {k: m.pop(k) for k in JOINT if k in m}
+    return NoiseMoments(
+        [int(b) for b in arrays["bits"]], [int(t) for t in arrays["timesteps"]], int(meta["elements"]), int(meta["channels"]), m,
+        joint or None,
     )
 
 
 STATS_META_SCHEMA = {
     "model_fingerprint": "str", "quant_fingerprint": "str", "weight_bits": "int", "scheduler": "str", "steps": "int",
     "eta": "number|null", "guidance": "number|null", "num_samples?": "int", "seed?": "int", "elements?": "int", "channels?": "int",
+    "ridge?": "number", "heldout_samples?": "int", "heldout_seed?": "int",
 }
 
 
@@ -355,17 +526,27 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
                             f"({nb} bit-widths × {ns} steps{'' if c is None else f' × {c} channels'}); {fix}")
         if key in ("k", "mu", "sigma") and not np.isfinite(arrays[key]).all():  # what the corrector uses
             raise PtqdError(f"{path}: array {key!r} holds NaN or inf; {fix}")
-    moments = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("moments.")}
-    if moments:
+    for prefix in ("moments", "heldout"):
+        moments = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(prefix + ".")}
+        if not moments:
+            continue
         for key in ("elements", "channels"):
             if key not in meta:
                 raise PtqdError(f"{path}: metadata field {key!r} is missing (the file holds moments); {fix}")
         n = moments.get("s_e", np.zeros((0, 0, 0))).shape[-1]
+        c = meta["channels"]
         for key in MOMENTS + ("c_e", "c_d"):
-            shape = (nb, ns, n) if key in MOMENTS else (nb, ns, n, meta["channels"])
+            shape = (nb, ns, n) if key in MOMENTS else (nb, ns, n, c)
             if key not in moments or moments[key].shape != shape:
                 got = moments[key].shape if key in moments else "missing"
-                raise PtqdError(f"{path}: array 'moments.{key}' has shape {got}, expected {shape}; {fix}")
+                raise PtqdError(f"{path}: array '{prefix}.{key}' has shape {got}, expected {shape}; {fix}")
+        if any(k in moments for k in JOINT):
+            for key, shape in (("J", (nb, ns, 3 * c + 1, 3 * c + 1)), ("P", (nb, ns, 3 * c, meta["elements"] // max(c, 1)))):
+                if key not in moments or moments[key].shape != shape:
+                    got = moments[key].shape if key in moments else "missing"
+                    raise PtqdError(f"{path}: array '{prefix}.{key}' has shape {got}, expected {shape}; {fix}")
+                if not np.isfinite(moments[key]).all():
+                    raise PtqdError(f"{path}: array '{prefix}.{key}' holds NaN or inf; {fix}")
 
 
 def check_stats(stats: NoiseStats, expected: dict[str, Any], bits: list[int] | None = None) -> None:
@@ -405,6 +586,23 @@ class StatsRequest:
     seed: int = STATS_SEED
     clamp_k: bool = True
     mean_of: str = "error"
+    heldout_samples: int | None = None  # None: a quarter of num_samples, at most defaults.HELDOUT_SAMPLES; 0: none
+    heldout_seed: int = defaults.HELDOUT_SEED
+    ridge: float = defaults.RIDGE
+
+    def validate(self) -> None:
+        """Refuse bad settings before any trajectory is run."""
+        if self.heldout_samples is not None and (self.heldout_samples < 0 or self.heldout_samples == 1):
+            raise PtqdError(f"--heldout-samples must be 0 (none) or at least 2, got {self.heldout_samples}")
+        if not (self.ridge >= 0 and np.isfinite(self.ridge)):
+            raise PtqdError(f"--ridge must be a finite number ≥ 0, got {self.ridge}")
+        if self.mean_of not in MEAN_OF:
+            raise PtqdError(f"mean_of must be one of {', '.join(MEAN_OF)}, got {self.mean_of!r}")
+
+    def heldout_count(self) -> int:
+        if self.heldout_samples is not None:
+            return int(self.heldout_samples)
+        return min(defaults.HELDOUT_SAMPLES, max(2, self.num_samples // 4))
 
 
 def stats_meta(model: DiffusionModel, quant_fingerprint: str, weight_bits: int, request: StatsRequest) -> dict[str, Any]:
@@ -422,5 +620,7 @@ def stats_meta(model: DiffusionModel, quant_fingerprint: str, weight_bits: int, 
         "guidance": float(s.guidance) if model.conditional else None,
         "num_samples": request.num_samples,
         "seed": request.seed,
+        "heldout_samples": request.heldout_count(),
+        "heldout_seed": request.heldout_seed,
         "batch_size": s.batch_size,
     }

@@ -1,0 +1,157 @@
+"""Correction models fitted in closed form from streamed second moments.
+
+At every sampler step the statistics pass sees, per pixel of every sample, the FP prediction ε
+(C channels), the quantized prediction ε̂ (C), and the sampler state x_t (C). It keeps only
+
+* ``J`` = Σ v vᵀ over all pixels of all samples, with v = [ε, ε̂, x_t, 1] (a (3C+1)² matrix; its last
+  entry counts the pixels), and
+* ``P`` = Σ over samples of v at each pixel (3C × H·W, the first moments per pixel),
+
+so every model below is a pure function of (J, P), moments of two collections add, and a model
+fitted on one collection can be scored on another (held-out trajectories) without any ε kept.
+
+A correction model maps what the sampler sees to an estimate of the FP prediction:
+ε_corr = Wᵀ [ε̂, x_t, 1] (+ b(pixel)), with W of shape (2C+1, C):
+
+* ``ptqd``: the paper's CNC/BC, ε_corr = (ε̂ − μ)/(1 + k) (CNC alone: ε̂/(1+k); BC alone: ε̂ − μ).
+* ``mean``: the conditional mean of ε given ε̂, per channel: ε_c ≈ a_c·ε̂_c + b_c (D2-DPM's idea, the
+  estimate a corrector that sees ε̂ needs).
+* ``content``: ε regressed on [ε̂ (all channels), x_t (all channels), 1]: a 1×1 channel-mixing
+  affine map per step (2C²+C numbers), ridge-regularised.
+* ``content-pixel``: ``content`` plus a per-pixel bias map per step (fitted jointly: the slopes come
+  from moments centred per pixel, the map is the per-pixel mean of what the slopes leave).
+
+The ridge penalty is ``ridge`` times the mean variance of the non-constant features, on those
+features only (the intercept is not shrunk). ``ridge=0`` is ordinary least squares.
+
+Residual variance: ``ptqd``'s estimate ε_corr = ε + noise (the quantization noise left after the
+division) makes VSC *shrink* the sampler's noise; the regression models estimate E[ε | features],
+whose error r = ε − ε_corr is uncorrelated with ε_corr, so matching the FP step's variance needs the
+sampler noise *grown* by c_t²·E[r²] (see :mod:`ptqd.correction.corrector`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ptqd.errors import PtqdError
+
+MODELS = ("ptqd", "mean", "content", "content-pixel")
+MAPS = ("mean", "content", "content-pixel")  # the regression models (ptqd is CNC/BC)
+
+
+def batch_moments(eps: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """J (3C+1, 3C+1) and P (3C, H·W) of one batch; ``eps``, ``q``, ``x`` all (B, C, H, W)."""
+    if not (eps.shape == q.shape == x.shape):
+        raise PtqdError(f"moments need equal shapes for ε, ε̂ and x_t, got {tuple(eps.shape)}, {tuple(q.shape)}, {tuple(x.shape)}")
+    v = torch.cat([eps.detach(), q.detach(), x.detach()], 1).double()  # (B, 3C, H, W)
+    b, d = v.shape[:2]
+    rows = v.permute(0, 2, 3, 1).reshape(-1, d)
+    rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
+    J = (rows.T @ rows).cpu().numpy()
+    P = v.sum(0).reshape(d, -1).cpu().numpy()
+    return J, P
+
+
+def _idx(c: int) -> dict[str, np.ndarray]:
+    return {"e": np.arange(c), "q": np.arange(c, 2 * c), "x": np.arange(2 * c, 3 * c), "one": np.array([3 * c])}
+
+
+def _solve(G: np.ndarray, H: np.ndarray, ridge: float, const: int | None) -> np.ndarray:
+    """(G + λD)⁻¹ H, D the identity on the non-constant features, λ = ridge × their mean variance."""
+    G = G.copy()
+    if ridge > 0:
+        keep = [i for i in range(len(G)) if i != const]
+        if keep:
+            scale = float(np.mean(np.diag(G)[keep]))
+            G[keep, keep] += ridge * max(scale, 1e-30)
+    try:
+        return np.linalg.solve(G, H)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(G, H, rcond=None)[0]
+
+
+def fit_map(J: np.ndarray, P: np.ndarray, n_samples: int, channels: int, model: str, ridge: float = 0.0):
+    """W (2C+1, C) over z = [ε̂, x_t, 1], and the pixel bias map (C, H·W) or None, of one step."""
+    c = channels
+    ix = _idx(c)
+    W = np.zeros((2 * c + 1, c))
+    if model == "mean":
+        for ch in range(c):
+            f = [int(ix["q"][ch]), int(ix["one"][0])]
+            sol = _solve(J[np.ix_(f, f)], J[f, ch][:, None], ridge, const=1)
+            W[ch, ch], W[2 * c, ch] = sol[0, 0], sol[1, 0]
+        return W, None
+    feats = np.concatenate([ix["q"], ix["x"]])
+    if model == "content":
+        f = np.concatenate([feats, ix["one"]])
+        W[:] = _solve(J[np.ix_(f, f)], J[np.ix_(f, ix["e"])], ridge, const=len(f) - 1)
+        return W, None
+    if model == "content-pixel":
+        n = float(n_samples)
+        Pf, Pe = P[feats], P[ix["e"]]  # (2C, HW), (C, HW)
+        G = J[np.ix_(feats, feats)] - Pf @ Pf.T / n  # centred per pixel: the bias map absorbs the means
+        H = J[np.ix_(feats, ix["e"])] - Pf @ Pe.T / n
+        A = _solve(G, H, ridge, const=None)
+        W[: 2 * c] = A
+        bias = (Pe - A.T @ Pf) / n  # (C, HW)
+        return W, bias
+    raise PtqdError(f"unknown correction model {model!r}: use one of {', '.join(MODELS)}")
+
+
+def ptqd_map(k: float, mu: np.ndarray, parts, channels: int) -> np.ndarray:
+    """PTQD's CNC/BC as W over [ε̂, x_t, 1] (for scoring it like the other models)."""
+    c = channels
+    W = np.zeros((2 * c + 1, c))
+    scale = 1.0 / (1.0 + k) if "cnc" in parts else 1.0
+    W[:c] = np.eye(c) * scale
+    if "bc" in parts:
+        W[2 * c] = -np.asarray(mu, dtype=np.float64) * scale
+    return W
+
+
+def residual_mse(J: np.ndarray, P: np.ndarray, n_samples: int, channels: int, W: np.ndarray, bias: np.ndarray | None) -> float:
+    """Mean over elements of (ε − ε_corr)² on the collection (J, P): the map's error, from moments only."""
+    c = channels
+    L = np.zeros((3 * c + 1, c))  # r = Lᵀ v − bias(p)
+    L[:c] = np.eye(c)
+    L[c:] = -W  # [ε̂, x, 1] rows follow ε's in v
+    sse = float(np.trace(L.T @ J @ L))
+    if bias is not None:
+        Pv = np.vstack([P, np.full((1, P.shape[1]), float(n_samples))])  # with the constant
+        sse += -2.0 * float(np.sum(bias * (L.T @ Pv))) + n_samples * float(np.sum(bias**2))
+    n = J[-1, -1] * c
+    return max(sse, 0.0) / max(n, 1.0)
+
+
+def error_mse(J: np.ndarray, channels: int) -> float:
+    """Mean over elements of (ε̂ − ε)²: the uncorrected quantization error."""
+    c = channels
+    W = np.zeros((2 * c + 1, c))
+    W[:c] = np.eye(c)
+    return residual_mse(J, np.zeros((3 * c, 1)), 0, c, W, None)
+
+
+def forward_fit(J: np.ndarray, channels: int, ridge: float = 0.0) -> dict[str, np.ndarray | float]:
+    """The error model ε̂ ≈ A ε + M x_t + μ (+ noise of std σ), from the same moments: what the
+    quantized network does to the FP prediction, per step. A = (1+k)·I when the error is PTQD's."""
+    c = channels
+    ix = _idx(c)
+    f = np.concatenate([ix["e"], ix["x"], ix["one"]])
+    B = _solve(J[np.ix_(f, f)], J[np.ix_(f, ix["q"])], ridge, const=len(f) - 1)  # (2C+1, C)
+    L = np.zeros((3 * c + 1, c))
+    L[ix["q"]] = np.eye(c)
+    L[f] -= B
+    var = max(float(np.trace(L.T @ J @ L)), 0.0) / max(J[-1, -1] * c, 1.0)
+    return {"A": B[:c].T, "M": B[c : 2 * c].T, "mu": B[2 * c], "sigma": float(np.sqrt(var))}
+
+
+def apply_map(eps: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """ε_corr = Wᵀ [ε̂, x_t, 1] (+ bias map): a 1×1 channel mix per step."""
+    c = eps.shape[1]
+    out = torch.einsum("bchw,cd->bdhw", eps, W[:c]) + torch.einsum("bchw,cd->bdhw", x, W[c : 2 * c])
+    out = out + W[2 * c].view(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.view(1, c, *eps.shape[2:])
+    return out
