@@ -8,6 +8,7 @@ import numpy as np
 
 from ptqd.correction.mixed import CRITERIA, DEFAULT_CRITERION, describe_schedule
 from ptqd.correction.stats import NoiseStats, load_stats
+from ptqd.errors import PtqdError
 from ptqd.io import atomic_path, write_json
 
 
@@ -77,6 +78,55 @@ def plot_snr(table: dict, schedule: dict[int, int] | None, out: Path, prefix: st
     a2.grid(alpha=0.3)
     fig.suptitle(title)
     path = out / f"{prefix}_snr.png"
+    _save(fig, path)
+    return path
+
+
+def plot_budget_curve(
+    curve: list[dict],
+    measured: list[dict] | None,
+    path: str | Path,
+    title: str | None = None,
+    tolerance: float | None = None,
+) -> Path:
+    """Predicted relative final MSE against GBOPs along a :func:`~ptqd.correction.mixed.budget_curve`
+    (line + markers), measured points ``{"gbops", "relative_mse", "label"}`` as a second series, and
+    ``tolerance`` as a dashed line → the PNG ``path`` (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curve:
+        raise PtqdError("the budget curve is empty: nothing to plot")
+    try:
+        x = np.array([float(e["bops"]) / 1e9 for e in curve])
+        y = np.array([float(e["relative"]) for e in curve])
+        pts = [(float(m["gbops"]), float(m["relative_mse"]), str(m.get("label", ""))) for m in (measured or [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PtqdError(f"budget curve entries need bops and relative, measured points gbops and relative_mse: {exc}") from exc
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shown = np.isfinite(y)
+    ax.plot(x[shown], y[shown], "o-", ms=4, label="predicted (budget curve)")
+    for e, xi, yi in ((curve[0], x[0], y[0]), (curve[-1], x[-1], y[-1])):
+        if np.isfinite(yi):
+            ax.annotate(f"{e.get('low_steps', '?')} low-bit steps", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s", ms=7, color="C3", label="measured")
+        for px, py, lab in pts:
+            if lab:
+                ax.annotate(lab, (px, py), textcoords="offset points", xytext=(5, -10), fontsize=7, color="C3")
+    if tolerance is not None:
+        ax.axhline(float(tolerance), color="k", ls="--", lw=0.8, label=f"tolerance {float(tolerance):g}×")
+    values = np.concatenate([y[shown], [p[1] for p in pts]])
+    if values.size and np.all(values > 0) and values.max() / values.min() > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("GBOPs per sampling run")
+    ax.set_ylabel("final MSE relative to all-high-bit schedule")
+    ax.set_title(title or "budgeted mixed precision: predicted error against cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
     _save(fig, path)
     return path
 

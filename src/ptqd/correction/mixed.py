@@ -14,14 +14,40 @@ previous (noisier) step: quantization noise may lower the SNR, but not below tha
 before (:func:`snr_rule`). This is the least pinned-down part of the paper (the exact SNR definitions
 are not recoverable, the official code never released it), so criteria are plain functions in
 :data:`CRITERIA`, and any ``criterion(table, candidates) -> bits`` can be passed instead.
+
+Budgeted criterion (:func:`propagation_gains`, :func:`predicted_mse`, :func:`budget_curve`,
+:func:`budget_schedule`): after correction, step i leaves a residual error in ε of per-element mean
+square s²_b(i) at activation bit-width b. It enters x_{t−1} as c_i·e (c_i the ε coefficient of the
+update, :func:`~ptqd.correction.corrector.ddim_quantities` / ``ddpm_quantities``) and is carried to
+x_0 by the later steps. The predicted per-element MSE of the final sample to the FP sample is
+
+    MSE(x_0) ≈ Σ_i g_i · s²_{b_i}(i),   g_i = (c_i · Π_{j>i} d_j)²   (i, j in sampling order),
+
+where d_j = ∂x_{t_j−1}/∂x_{t_j} is the derivative of step j with respect to its input. This is an
+approximation in three ways:
+
+* d_j is that of the *ideal* denoiser for Gaussian data with per-element variance v (``data_var``,
+  :func:`data_variance`): ε*(x_t) = √(1−ᾱ_t)(x_t − √ᾱ_t·m)/(ᾱ_t v + 1 − ᾱ_t), an affine map with the
+  scalar Jacobian J_t = √(1−ᾱ_t)/(ᾱ_t v + 1 − ᾱ_t). A trained network is neither this denoiser nor
+  linear, so the gains only describe how a step's error is amplified or damped on average.
+  DDIM: d_t = √(ᾱ_{t−1}/ᾱ_t)(1 − √(1−ᾱ_t)J_t) + √(1−ᾱ_{t−1}−σ_t²)·J_t; DDPM:
+  d_t = coef_x0·(1 − √(1−ᾱ_t)J_t)/√ᾱ_t + coef_xt. The sampler's own noise σ_t z is the same with and
+  without quantization, so it drops out of the difference; clipping of x̂_0 is ignored.
+* errors of different steps are taken as uncorrelated (their cross terms are dropped);
+* the later steps' quantization does not change how an earlier error propagates (second order).
+
+For Gaussian data and the ideal denoiser the first point is exact, so the prediction is exact for
+independent injected errors (``tests/test_budget.py`` checks it by Monte Carlo).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ptqd.correction.corrector import ddim_quantities, ddpm_quantities
 from ptqd.correction.stats import NoiseStats
 from ptqd.errors import PtqdError
 
@@ -128,3 +154,221 @@ def sampling_bops(bops_per_bits: dict[int, float], schedule: dict[int, int], cfg
     """BOPs of one image's whole sampling run: Σ over steps of the per-forward BOPs at that step's
     bit-width, times 2 with classifier-free guidance (``cfg_batches``)."""
     return float(sum(bops_per_bits[b] for b in schedule.values()) * cfg_batches)
+
+
+# --- budgeted mixed precision: predicted final error of a bit schedule ---------------------------
+
+
+def data_variance(x_var, alpha_bar, floor: float = 1e-6):
+    """Per-element data variance v estimated from the variance of x_t at a step with ᾱ_t = ``alpha_bar``.
+
+    For data of variance v, Var x_t = ᾱ_t·v + 1 − ᾱ_t, so v = (Var x_t − (1−ᾱ_t))/ᾱ_t, floored at
+    ``floor`` (noisy steps, where ᾱ_t is small, give poor estimates; the least noisy step is best,
+    and ``alpha_bar=1`` with the variance of FP samples gives v directly). Scalars give a float,
+    arrays an array."""
+    xv = np.asarray(x_var, dtype=np.float64)
+    a = np.asarray(alpha_bar, dtype=np.float64)
+    if not np.all(np.isfinite(xv)) or np.any(xv < 0):
+        raise PtqdError(f"the variance of x_t must be finite and non-negative, got {x_var!r}")
+    if not np.all(np.isfinite(a)) or np.any(a <= 0) or np.any(a > 1):
+        raise PtqdError(f"alpha_bar must lie in (0, 1], got {alpha_bar!r}")
+    if not (math.isfinite(floor) and floor > 0):
+        raise PtqdError(f"the variance floor must be positive, got {floor!r}")
+    v = np.maximum((xv - (1 - a)) / a, floor)
+    return float(v) if v.ndim == 0 else v
+
+
+def _jacobian(alpha_bar: float, data_var: float) -> float:
+    """J_t of the ideal denoiser for Gaussian data of variance ``data_var``."""
+    return math.sqrt(1 - alpha_bar) / (alpha_bar * data_var + 1 - alpha_bar)
+
+
+def step_coefficients(scheduler, kind: str, eta: float, data_var: float) -> tuple[np.ndarray, np.ndarray]:
+    """(c, d) over ``scheduler.timesteps``: the ε coefficient c_t of each update and its derivative
+    d_t with respect to x_t through x̂_0 and the ideal Gaussian-data denoiser (module docstring)."""
+    if kind not in ("ddim", "ddpm"):
+        raise PtqdError(f"budgeted mixed precision supports the ddim and ddpm samplers, not {kind!r}")
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise PtqdError(f"eta must be a finite number ≥ 0, got {eta!r}")
+    if not (isinstance(data_var, (int, float, np.floating)) and math.isfinite(data_var) and data_var > 0):
+        raise PtqdError(f"the data variance must be a finite positive number, got {data_var!r}")
+    if getattr(scheduler, "num_inference_steps", None) is None or getattr(scheduler, "timesteps", None) is None:
+        raise PtqdError("the scheduler has no sampling steps: call scheduler.set_timesteps(steps) first")
+    cs, ds = [], []
+    for t in scheduler.timesteps:
+        if kind == "ddim":
+            q = ddim_quantities(scheduler, int(t), float(eta))
+            a, ap = q["alpha_bar"], q["alpha_bar_prev"]
+            j = _jacobian(a, float(data_var))
+            d = math.sqrt(ap / a) * (1 - math.sqrt(1 - a) * j) + math.sqrt(max(1 - ap - q["sigma"] ** 2, 0.0)) * j
+        else:
+            q = ddpm_quantities(scheduler, int(t))
+            a = q["alpha_bar"]
+            j = _jacobian(a, float(data_var))
+            d = q["coef_x0"] * (1 - math.sqrt(1 - a) * j) / math.sqrt(a) + q["coef_xt"]
+        cs.append(q["c"])
+        ds.append(d)
+    return np.asarray(cs, dtype=np.float64), np.asarray(ds, dtype=np.float64)
+
+
+def gains_from_coefficients(c, d) -> np.ndarray:
+    """g_i = (c_i · Π_{j>i} d_j)² from per-step coefficients in sampling order."""
+    c = np.asarray(c, dtype=np.float64)
+    d = np.asarray(d, dtype=np.float64)
+    if c.ndim != 1 or c.shape != d.shape or not (np.all(np.isfinite(c)) and np.all(np.isfinite(d))):
+        raise PtqdError(f"c and d must be finite 1-D arrays of one length, got shapes {c.shape} and {d.shape}")
+    after = np.ones_like(d)  # after[i] = Π_{j>i} d_j
+    if len(d) > 1:
+        after[:-1] = np.cumprod(d[::-1])[::-1][1:]
+    return (c * after) ** 2
+
+
+def propagation_gains(scheduler, kind: str, eta: float, data_var: float) -> np.ndarray:
+    """Gain g_i of each sampler step (``scheduler.timesteps`` order, noisiest first): a per-element
+    ε error of mean square s² at step i adds g_i·s² to the final sample's per-element MSE.
+
+    ``scheduler``: a diffusers DDIM/DDPM scheduler already set to its steps; ``kind`` ``"ddim"`` or
+    ``"ddpm"`` (``eta`` is used by DDIM only); ``data_var``: per-element variance v of the data in
+    the model's x space (:func:`data_variance`)."""
+    return gains_from_coefficients(*step_coefficients(scheduler, kind, eta, data_var))
+
+
+def _check_inputs(residual_mse: Mapping, gains) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    g = np.asarray(gains, dtype=np.float64)
+    if g.ndim != 1 or len(g) == 0 or not np.all(np.isfinite(g)) or np.any(g < 0):
+        raise PtqdError("gains must be a non-empty 1-D array of finite values ≥ 0 (one per sampler step)")
+    if not isinstance(residual_mse, Mapping) or not residual_mse:
+        raise PtqdError("residual_mse must be a non-empty dict: activation bits → per-step residual mean square")
+    res = {}
+    for b, v in residual_mse.items():
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0:
+            raise PtqdError(f"bit-widths must be positive integers, got {b!r}")
+        a = np.asarray(v, dtype=np.float64)
+        if a.shape != g.shape:
+            raise PtqdError(f"residual_mse[{b}] has {a.shape} values, the gains {g.shape}: one per sampler step for both")
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise PtqdError(f"residual_mse[{b}] must be finite and ≥ 0")
+        res[int(b)] = a
+    return res, g
+
+
+def _predicted(res: dict[int, np.ndarray], g: np.ndarray, bits: Sequence[int]) -> float:
+    return float(sum(g[i] * res[b][i] for i, b in enumerate(bits)))
+
+
+def predicted_mse(residual_mse: Mapping[int, np.ndarray], gains, bits: Sequence[int]) -> float:
+    """Predicted per-element MSE of the final sample to the FP sample, Σ_i g_i·s²_{b_i}(i).
+
+    ``residual_mse``: bits → per-step residual mean square of ε after correction; ``gains`` from
+    :func:`propagation_gains`; ``bits``: activation bit-width of each step, in sampling order (for a
+    schedule dict from :func:`bit_schedule`, ``list(schedule.values())``)."""
+    res, g = _check_inputs(residual_mse, gains)
+    if isinstance(bits, Mapping) or isinstance(bits, (str, bytes)):
+        raise PtqdError("bits must be a sequence in sampling order (for a schedule dict pass list(schedule.values()))")
+    bits = list(np.asarray(bits).ravel())
+    if len(bits) != len(g):
+        raise PtqdError(f"{len(bits)} bit-widths for {len(g)} sampler steps")
+    unknown = sorted({str(b) for b in bits if not (isinstance(b, (int, np.integer)) and int(b) in res)})
+    if unknown:
+        raise PtqdError(f"no residual statistics for activation bits {', '.join(unknown)}: have {sorted(res)}")
+    return _predicted(res, g, [int(b) for b in bits])
+
+
+def _check_bops(bops_per_bits: Mapping, cands: list[int]) -> dict[int, float]:
+    if not isinstance(bops_per_bits, Mapping):
+        raise PtqdError("bops_per_bits must be a dict: activation bits → BOPs of one forward pass")
+    missing = [b for b in cands if b not in bops_per_bits]
+    if missing:
+        raise PtqdError(f"no BOPs for activation bits {missing}: have {sorted(bops_per_bits, key=str)}")
+    bops = {b: float(bops_per_bits[b]) for b in cands}
+    if not all(math.isfinite(v) and v > 0 for v in bops.values()):
+        raise PtqdError(f"BOPs must be finite and positive, got {bops}")
+    if any(bops[lo] >= bops[hi] for lo, hi in zip(cands, cands[1:])):
+        raise PtqdError(f"BOPs must grow with the activation bit-width, got {bops}")
+    return bops
+
+
+def _entry(res, g, bops, bits: np.ndarray, high: int, base: float) -> dict:
+    pred = _predicted(res, g, bits)
+    rel = pred / base if base > 0 else (1.0 if pred == 0 else math.inf)
+    return {
+        "bits": bits.copy(),
+        "low_steps": int(np.sum(bits != high)),
+        "predicted_mse": pred,
+        "relative": float(rel),
+        "bops": float(sum(bops[int(b)] for b in bits)),
+    }
+
+
+def budget_curve(residual_mse: Mapping[int, np.ndarray], gains, bops_per_bits: Mapping[int, float]) -> list[dict]:
+    """Schedules from all-high to all-low bits, each the one of least predicted error for its cost.
+
+    The candidates are the bit-widths of ``residual_mse``; ``bops_per_bits``: BOPs of one forward
+    pass at each (must grow with the bits). Two candidates: steps move to the low bits one at a time
+    in order of the error they add, g_i·(s²_low(i) − s²_high(i)) (ties: noisiest step first); since
+    every step saves the same BOPs, entry k is the exact optimum among schedules with k low-bit
+    steps. More candidates: a greedy that repeatedly lowers one step by one candidate level, the move
+    of least added error per BOP saved, until every step is at the lowest; a heuristic, not
+    guaranteed optimal.
+
+    Each entry: ``bits`` (per step, sampling order), ``low_steps`` (steps below the highest
+    candidate), ``predicted_mse``, ``relative`` (to the all-high schedule; 1 where both are 0, inf
+    where only the all-high one is) and ``bops`` (Σ over steps of the per-forward BOPs; multiply by 2
+    for classifier-free guidance). BOPs decrease along the curve; the prediction increases wherever
+    no step's low-bit residual is below its high-bit one."""
+    res, g = _check_inputs(residual_mse, gains)
+    cands = sorted(res)
+    bops = _check_bops(bops_per_bits, cands)
+    n, high = len(g), cands[-1]
+    bits = np.full(n, high, dtype=np.int64)
+    base = _predicted(res, g, bits)
+    curve = [_entry(res, g, bops, bits, high, base)]
+    if len(cands) == 1:
+        return curve
+    if len(cands) == 2:
+        low = cands[0]
+        added = g * (res[low] - res[high])
+        for i in np.argsort(added, kind="stable"):
+            bits[i] = low
+            curve.append(_entry(res, g, bops, bits, high, base))
+        return curve
+    level = {b: k for k, b in enumerate(cands)}
+    while True:
+        best, best_i = None, -1
+        for i in range(n):
+            k = level[int(bits[i])]
+            if k == 0:
+                continue
+            lo, hi = cands[k - 1], cands[k]
+            ratio = g[i] * (res[lo][i] - res[hi][i]) / (bops[hi] - bops[lo])
+            if best is None or ratio < best:
+                best, best_i = ratio, i
+        if best is None:
+            return curve
+        bits[best_i] = cands[level[int(bits[best_i])] - 1]
+        curve.append(_entry(res, g, bops, bits, high, base))
+
+
+def budget_schedule(
+    residual_mse: Mapping[int, np.ndarray],
+    gains,
+    bops_per_bits: Mapping[int, float],
+    timesteps,
+    tolerance: float,
+) -> dict[int, int]:
+    """Timestep → activation bits: the cheapest schedule of :func:`budget_curve` whose predicted
+    final MSE is within ``tolerance`` × that of the all-high-bit schedule (``tolerance`` ≥ 1; 1.5
+    allows 50 % more predicted error). ``timesteps``: the sampler's steps in sampling order, one per
+    gain (``scheduler.timesteps``)."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)) or math.isnan(tolerance) or tolerance < 1:
+        raise PtqdError(f"the error tolerance is a factor ≥ 1 on the all-high-bit prediction, got {tolerance!r}")
+    ts = [int(t) for t in np.asarray(timesteps).ravel()]
+    g = np.asarray(gains)
+    if len(ts) != g.size:
+        raise PtqdError(f"{len(ts)} timesteps for {g.size} gains: one per sampler step")
+    if len(set(ts)) != len(ts):
+        raise PtqdError("the timesteps repeat: one entry per sampler step")
+    curve = budget_curve(residual_mse, gains, bops_per_bits)
+    ok = [e for e in curve if e["relative"] <= tolerance]  # the all-high entry always qualifies
+    best = min(ok, key=lambda e: e["bops"])
+    return {t: int(b) for t, b in zip(ts, best["bits"])}
