@@ -126,13 +126,14 @@ def test_quantize_a_denoiser_with_a_forward_loop():
             net(torch.randn(4, 1, 8, 8, generator=g), torch.tensor(t))
 
     qnet = ptqd.quantize(unet, ptqd.W8A8, method="qdiff", preset="quick", forward_loop=forward_loop,
-                         scheduler=DDPMScheduler(), progress=False)
+                         scheduler=DDPMScheduler(), block_order="registration", progress=False)
     assert isinstance(qnet, QuantizedDenoiser) and calls == [900, 500, 100]
     x = torch.randn(2, 1, 8, 8)
     fp_out, q_out = unet(x, torch.tensor(500)).sample, qnet(x, torch.tensor(500)).sample
     assert fp_out.shape == q_out.shape and 0 < (fp_out - q_out).abs().mean() < 0.2 * fp_out.abs().mean()
     run = ptqd.api.run_of(qnet)
     assert run.config["calibration"]["forward_loop"] == "forward_loop"
+    assert run.config["options"]["block_order"] == run.summary["block_order"] == "registration"
 
 
 def test_bad_objects_are_refused():

@@ -315,6 +315,183 @@ def test_adaround_lowers_block_error(zoo, zoo_calib):
 
 
 # ------------------------------------------------------------------------------------------
+# the order blocks are reconstructed in
+
+
+def _unit_kind(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _assert_mid_between_down_and_up(names: list[str]) -> None:
+    pos = {n: i for i, n in enumerate(names)}
+    mid = [pos[n] for n in names if _unit_kind(n) == "mid_block"]
+    down = [pos[n] for n in names if _unit_kind(n) == "down_blocks"]
+    up = [pos[n] for n in names if _unit_kind(n) == "up_blocks"]
+    assert mid and down and up
+    assert max(down) < min(mid) and max(mid) < min(up), names
+
+
+def _first_calls(qnet, names, forward) -> list[str]:
+    """The order ``forward`` first runs the units, seen by forward (post) hooks of its own."""
+    seen: list[str] = []
+    hooks = [qnet.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.append(n) if n not in seen else None)
+             for n in names]
+    try:
+        with torch.no_grad():
+            forward(qnet)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("make", [_tiny_unet2d, _tiny_unet2d_condition])
+def test_forward_block_order_puts_mid_between_down_and_up(make):
+    from ptqd.calibration.methods import forward_order
+
+    net = make()
+    c = net.config.in_channels
+    x, t = torch.randn(2, c, 8, 8), torch.tensor([10, 500])
+    kw = {"encoder_hidden_states": torch.randn(2, 3, 12)} if type(net).__name__ == "UNet2DConditionModel" else {}
+    forward = lambda n: n(x, t, **kw).sample  # noqa: E731
+    qnet = wrap_model(net, QuantConfig(weight_bits=4, act_bits=8), run_once=forward)
+    registration = recon_units(qnet)
+    names = [n for n, _ in registration]
+    # registration order is module order, as before: in diffusers UNets the up blocks come before the mid block
+    assert names.index("mid_block.resnets.0") > max(i for i, n in enumerate(names) if n.startswith("up_blocks."))
+    ordered, untraced = forward_order(qnet, registration, forward)  # quantizers not calibrated yet: the trace needs none
+    got = [n for n, _ in ordered]
+    assert untraced == [] and sorted(got) == sorted(names) and [m for _, m in ordered] == [dict(registration)[n] for n in got]
+    _assert_mid_between_down_and_up(got)
+    # the traced order is the order the quantized network really runs its units (independent hooks, other inputs)
+    _naive_calibrate(qnet, forward)
+    x2, t2 = torch.randn(3, c, 8, 8), torch.tensor([1, 2, 999])
+    kw2 = {k: torch.randn(3, 5, 12) for k in kw}
+    assert _first_calls(qnet, names, lambda n: n(x2, t2, **kw2).sample) == got
+    # the trace leaves the quantizers as they were
+    assert all(q.enabled for _, q in act_quantizers(qnet)) and all(q.enabled for _, q in weight_quantizers(qnet))
+    assert [n for n, _ in recon_units(qnet)] == names
+
+
+def test_units_the_trace_never_calls_go_last_in_registration_order():
+    from ptqd.calibration.methods import forward_order
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.later = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.c(self.b(self.c(x))))  # c twice: it counts at its first call
+
+    qnet = wrap_model(Net(), QuantConfig(weight_bits=4, act_bits=8, first_last_bits=None))
+    units = recon_units(qnet)
+    assert [n for n, _ in units] == ["a", "b", "unused", "c", "later"]
+    ordered, untraced = forward_order(qnet, units, lambda n: n(torch.randn(2, 4)))
+    assert [n for n, _ in ordered] == ["c", "b", "a", "unused", "later"] and untraced == ["unused", "later"]
+
+
+def test_block_order_option_refused_unless_known():
+    from ptqd import defaults
+    from ptqd.calibration.methods import BLOCK_ORDERS, ordered_units
+
+    assert CalibrationOptions().block_order == defaults.BLOCK_ORDER == "forward"
+    assert BLOCK_ORDERS == ("forward", "registration")
+    CalibrationOptions(block_order="registration").validate()
+    with pytest.raises(PtqdError, match="unknown block order 'reverse': use one of forward, registration"):
+        CalibrationOptions(block_order="reverse").validate()
+    with pytest.raises(PtqdError, match="unknown block order"):
+        ordered_units(None, nn.Linear(2, 2), "reverse")
+    with pytest.raises(SystemExit) as e:  # argparse refuses it, naming the choices
+        main(["quantize", "--model", "digits16-cond", "--block-order", "reverse", "--out", "unused"])
+    assert e.value.code == 2
+
+
+def _tiny_model():
+    from diffusers import DDIMScheduler
+
+    from ptqd.models.loading import from_components
+
+    torch.manual_seed(0)
+    return from_components(_tiny_unet2d(), DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False),
+                           name="tiny")
+
+
+def test_calibration_visits_blocks_in_the_chosen_order(monkeypatch):
+    import ptqd.calibration.methods as methods
+
+    model = _tiny_model()
+    calib = collect_calibration(model, 2, SamplerConfig(steps=2, guidance=1.0), num_steps=1, progress=False)
+    opts = dict(recon_samples=4, weight_iters=1, act_iters=1, batch_size=4)
+    visited: dict[str, list[str]] = {}
+    for order in ("forward", "registration"):
+        qnet = wrap_model(model.unet, resolve_config(QuantConfig(weight_bits=4, act_bits=8), "qdiff"), run_once=example_forward(model))
+        names = {id(m): n for n, m in qnet.named_modules()}
+        seen: list[str] = []
+        real = methods.reconstruct_weights
+        monkeypatch.setattr(methods, "reconstruct_weights", lambda unit, *a, **k: (seen.append(names[id(unit)]), real(unit, *a, **k))[1])
+        summary = calibrate(model, qnet, calib, CalibrationOptions(block_order=order, **opts), progress=False)
+        monkeypatch.undo()
+        assert summary["block_order"] == order and summary["options"]["block_order"] == order
+        assert summary["units"] == seen and "units_not_traced" not in summary
+        assert list(summary["weight_recon_loss"]) == seen
+        assert [k.split("@")[0] for k in summary["act_recon_loss"]] == seen
+        visited[order] = seen
+    assert visited["registration"] == [n for n, _ in recon_units(qnet)]
+    _assert_mid_between_down_and_up(visited["forward"])
+    assert sorted(visited["forward"]) == sorted(visited["registration"]) and visited["forward"] != visited["registration"]
+
+
+def test_cli_block_order_recorded_and_old_runs_read_as_registration(tmp_path, capsys):
+    from diffusers import DDIMPipeline
+
+    from ptqd import integrity
+    from ptqd.runs import read_run_config
+
+    model = _tiny_model()
+    DDIMPipeline(unet=model.unet, scheduler=_scheduler_of(model)).save_pretrained(tmp_path / "fp")
+    out = tmp_path / "run"
+    args = ["quantize", "--model", str(tmp_path / "fp"), "--weight-bits", "4", "--steps", "2", "--calib-samples", "2",
+            "--calib-steps", "1", "--recon-samples", "4", "--weight-iters", "1", "--act-iters", "1", "--recon-batch", "4",
+            "--out", str(out), "--no-progress"]
+    assert main([*args, "--block-order", "registration"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert cfg["options"]["block_order"] == "registration" and summary["block_order"] == "registration"
+    assert summary["units"] == [n for n, _ in recon_units(load_run(out).qnet)]
+    # the same directory with the other order is another run: refused, naming the option
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "options.block_order" in err and "--block-order registration" in err
+    # a run made before the option existed (no block_order in its config) reads as registration order
+    del cfg["options"]["block_order"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    integrity.record(out, ["config.json"], create=False)
+    assert read_run_config(out)["options"]["block_order"] == "registration"
+    assert load_run(out).config["options"]["block_order"] == "registration"
+    state = (out / "quant_state.safetensors").stat().st_mtime_ns
+    assert main([*args, "--block-order", "registration"]) == 0  # the same run: loaded, not redone
+    assert (out / "quant_state.safetensors").stat().st_mtime_ns == state
+    bad = {**cfg, "options": {**cfg["options"], "block_order": "sideways"}}
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(PtqdError, match="options.block_order"):
+        read_run_config(out)
+    # default: forward order, recorded
+    out2 = tmp_path / "run2"
+    assert main([*args[:-3], "--out", str(out2), "--no-progress"]) == 0
+    assert json.loads((out2 / "config.json").read_text())["options"]["block_order"] == "forward"
+    _assert_mid_between_down_and_up(json.loads((out2 / "summary.json").read_text())["units"])
+
+
+def _scheduler_of(model):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+
+
+# ------------------------------------------------------------------------------------------
 # BOPs and size
 
 

@@ -149,6 +149,7 @@ def quantize(
     correct: str | None = None,
     act_bits: int | str | None = None,
     scheduler=None,
+    block_order: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
 ):
@@ -160,16 +161,18 @@ def quantize(
     what the calibration trajectories and statistics follow (default DDIM 50 steps, eta 1, guidance 3
     for conditional models); the returned pipeline samples corrected with exactly that sampler (use
     :func:`plan` for another). ``forward_loop(denoiser)`` replaces the built-in calibration
-    trajectories (ModelOpt's convention). ``out``: also write a run directory (a cache: the object
-    returned is complete without it).
+    trajectories (ModelOpt's convention). ``block_order``: the order blocks are reconstructed in,
+    ``forward`` or ``registration`` (default: :data:`ptqd.defaults.BLOCK_ORDER`). ``out``: also write a
+    run directory (a cache: the object returned is complete without it).
     """
     from ptqd.runs import quantize as quantize_run
 
     model = as_model(obj, scheduler)
     p = get_preset(preset)
+    options = p.options if block_order is None else dataclasses.replace(p.options, block_order=block_order)
     sampler = sampler or default_sampler(model)
     run = quantize_run(
-        model, config, method, p.options, p.calib_samples, p.calib_steps, sampler, out=out, progress=progress,
+        model, config, method, options, p.calib_samples, p.calib_steps, sampler, out=out, progress=progress,
         noise_samples=p.noise_samples if method == "ptqd" else 0, mixed_precision=mixed_precision, forward_loop=forward_loop,
     )
     template = obj if (_is_pipeline(obj) or not isinstance(obj, (str, Path, DiffusionModel))) else None

@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-iters", type=int, default=None, help=f"AdaRound iterations per block (qdiff; default: the preset's, {D.WEIGHT_ITERS})")
     q.add_argument("--act-iters", type=int, default=None, help=f"step-size learning iterations per block and bit-width (qdiff; default: the preset's, {D.ACT_ITERS})")
     q.add_argument("--recon-batch", type=int, default=None, help=f"minibatch of the reconstruction (default: the preset's, {D.RECON_BATCH})")
+    q.add_argument(
+        "--block-order", choices=D.BLOCK_ORDERS, default=D.BLOCK_ORDER,
+        help="order of block reconstruction (qdiff): forward (the order the forward pass runs the blocks) or "
+        "registration (module order: down, up, then mid blocks; what runs before this option used)",
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
     q.add_argument("--device", default="cpu", help="torch device to calibrate on (cpu, cuda, …); the run directory loads anywhere")
     q.add_argument("--out", type=Path, required=True, help="run directory")
@@ -557,6 +562,7 @@ def _quantize(args: argparse.Namespace) -> None:
         act_iters=pick(args.act_iters, p["options"]["act_iters"]),
         batch_size=pick(args.recon_batch, p["options"]["batch_size"]),
         seed=args.seed,
+        block_order=args.block_order,
     )
     guidance = args.guidance if args.guidance is not None else defaults.guidance(model.conditional)
     sampler = SamplerConfig(args.scheduler, args.steps, args.eta, guidance)

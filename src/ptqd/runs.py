@@ -265,9 +265,16 @@ def _existing_run(out: Path, run_config: dict[str, Any]) -> QuantizedRun | None:
     old = read_run_config(out)
     keys = ("model_fingerprint", "method", "quant", "calibration", "options", "correction", "prompts")
     diff = [k for k in keys if old.get(k) != run_config.get(k)]
+    if "options" in diff:  # name the options that differ (e.g. options.block_order)
+        a, b = old.get("options") or {}, run_config.get("options") or {}
+        diff[diff.index("options")] = ", ".join(f"options.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
     if diff:
+        hint = ""
+        if "options.block_order" in ", ".join(diff):
+            hint = f" (that run reconstructed its blocks in {old['options']['block_order']} order; " \
+                   f"--block-order {old['options']['block_order']} matches it)"
         raise PtqdError(
-            f"{out} already holds a different run (differs in: {', '.join(diff)}); "
+            f"{out} already holds a different run (differs in: {', '.join(diff)}){hint}; "
             "choose another --out or delete that directory"
         )
     if not (out / "quant_state.safetensors").is_file():
@@ -376,7 +383,11 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     for key in ("num_samples", "num_steps"):
         if cal[key] < 1:
             raise fail(f, f"calibration.{key}", f"must be at least 1, got {cal[key]}", fix)
-    check_object(config["options"], {}, f, fix, "options.")
+    options = check_object(config["options"], {"block_order?": "str"}, f, fix, "options.")
+    # runs made before the option existed reconstructed their blocks in module registration order
+    options.setdefault("block_order", defaults.BLOCK_ORDER_BEFORE)
+    if options["block_order"] not in defaults.BLOCK_ORDERS:
+        raise fail(f, "options.block_order", f"is {options['block_order']!r}, not one of {', '.join(defaults.BLOCK_ORDERS)}", fix)
     return config
 
 

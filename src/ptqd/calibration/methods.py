@@ -9,7 +9,10 @@ network's; then MSE-searched activation ranges and learned activation step sizes
 block again, for every calibrated activation bit-width.
 
 Block inputs come from the network being quantized (earlier blocks already quantized), targets
-from the FP network on the same calibration inputs.
+from the FP network on the same calibration inputs. Blocks are visited in the order one forward
+pass first calls them (``block_order="forward"``, traced on the model's example input), so each
+block is tuned against inputs from blocks already reconstructed; ``"registration"`` keeps module
+registration order (in diffusers UNets: down blocks, up blocks, then the mid block).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from ptqd import defaults
 from ptqd.calibration.data import CalibrationSet
 from ptqd.checks import check_finite, first_nonfinite
 from ptqd.errors import PtqdError
-from ptqd.models.loading import DiffusionModel
+from ptqd.models.loading import DiffusionModel, example_forward
 from ptqd.quant.layers import QuantLayer
 from ptqd.quant.quantizer import PASS_BITS, ActQuantizer, WeightQuantizer
 from ptqd.quant.wrap import act_quantizers, set_act_bits, set_quant_state
 
 METHODS = ("naive", "qdiff")
+BLOCK_ORDERS = defaults.BLOCK_ORDERS
 UNIT_TYPES = ("ResnetBlock2D", "BasicTransformerBlock", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 
 
@@ -51,10 +55,15 @@ class CalibrationOptions:
     warmup: float = 0.2  # fraction of weight iterations without the rounding regulariser
     forward_batch: int = 256
     seed: int = 0
+    # order the blocks are reconstructed in: "forward" (the order one forward pass first calls them)
+    # or "registration" (module registration order: in diffusers UNets down, up, then mid)
+    block_order: str = defaults.BLOCK_ORDER
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise PtqdError(f"unknown calibration method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.block_order not in BLOCK_ORDERS:
+            raise PtqdError(f"unknown block order {self.block_order!r}: use one of {', '.join(BLOCK_ORDERS)}")
         for name in ("recon_samples", "batch_size", "forward_batch"):
             if getattr(self, name) < 1:
                 raise PtqdError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -104,7 +113,8 @@ def observe_activations(model: DiffusionModel, net: nn.Module, inputs, batch: in
 
 
 def recon_units(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks reconstructed together (BRECQ granularity), in module order; lone layers are their own unit."""
+    """The blocks reconstructed together (BRECQ granularity), in module registration order; lone layers
+    are their own unit. :func:`ordered_units` puts them in the order the calibration visits them."""
     units: list[tuple[str, nn.Module]] = []
 
     def has_quant(m: nn.Module) -> bool:
@@ -120,6 +130,51 @@ def recon_units(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
     visit("", net)
     return units
+
+
+@torch.no_grad()
+def forward_order(net: nn.Module, units: list[tuple[str, nn.Module]], run_once) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """``units`` in the order one forward pass (``run_once(net)``) first calls them; a unit called
+    several times counts at its first call. Units the pass never calls follow, in the order given.
+    The pass runs with every quantizer off (it needs no calibration; quantization does not change
+    which blocks run) and leaves them as they were. Returns (ordered units, names of the units never called)."""
+    first: dict[str, int] = {}
+    handles = []
+    quantizers = [m for m in net.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
+    enabled = [q.enabled for q in quantizers]
+
+    def hook(name: str):
+        def pre(m, args):
+            first.setdefault(name, len(first))
+
+        return pre
+
+    try:
+        for q in quantizers:
+            q.enabled = False
+        for name, unit in units:
+            handles.append(unit.register_forward_pre_hook(hook(name)))
+        run_once(net)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, on in zip(quantizers, enabled):
+            q.enabled = on
+    called = sorted((u for u in units if u[0] in first), key=lambda u: first[u[0]])
+    missing = [u for u in units if u[0] not in first]
+    return called + missing, [name for name, _ in missing]
+
+
+def ordered_units(model: DiffusionModel, net: nn.Module, order: str = defaults.BLOCK_ORDER) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The reconstruction units of ``net`` in ``order`` (see :data:`BLOCK_ORDERS`); ``forward`` traces one
+    forward pass of ``model``'s example input (:func:`ptqd.models.loading.example_forward`) through ``net``.
+    Returns (units, names of the units the trace never called: they come last, in registration order)."""
+    if order not in BLOCK_ORDERS:
+        raise PtqdError(f"unknown block order {order!r}: use one of {', '.join(BLOCK_ORDERS)}")
+    units = recon_units(net)
+    if order == "registration":
+        return units, []
+    return forward_order(net, units, example_forward(model))
 
 
 class _Stop(Exception):
@@ -317,7 +372,16 @@ def calibrate(
                 raise PtqdError(f"calibration: the weight quantization scale of layer {lname} is not finite")
     summary["seconds"]["weight_ranges"] = round(time.perf_counter() - t0, 2)
 
-    units = recon_units(qnet)
+    units: list[tuple[str, nn.Module]] = []
+    if opts.method == "qdiff" and (opts.weight_iters > 0 or opts.act_iters > 0):
+        units, untraced = ordered_units(model, qnet, opts.block_order)
+        summary["block_order"] = opts.block_order
+        summary["units"] = [name for name, _ in units]
+        if untraced:
+            summary["units_not_traced"] = untraced
+            if progress:
+                print(f"calibration: {len(untraced)} block(s) not called by the traced forward pass, reconstructed last "
+                      f"in registration order: {', '.join(untraced)}")
     if opts.method == "qdiff" and opts.weight_iters > 0:
         t0 = time.perf_counter()
         set_quant_state(qnet, weights=True, acts=False)
