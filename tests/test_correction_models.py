@@ -259,7 +259,7 @@ def test_damaged_joint_moments_are_refused(tmp_path):
 def test_correction_model_end_to_end_cli(tmp_path, capsys):
     run = tmp_path / "run"
     assert main([
-        "quantize", "--model", "digits16-cond", "--weight-bits", "4", "--act-bits", "4", "--method", "ptqd",
+        "quantize", "--model", "digits16-cond", "--weight-bits", "4", "--mixed-precision", "4,8", "--method", "ptqd",
         "--calib-samples", "4", "--calib-steps", "2", "--recon-samples", "16", "--weight-iters", "2", "--act-iters", "1",
         "--steps", "5", "--noise-samples", "8", "--out", str(run), "--no-progress",
     ]) == 0
@@ -270,12 +270,28 @@ def test_correction_model_end_to_end_cli(tmp_path, capsys):
     images = {}
     for name, extra in {"ptqd": [], "content": ["--correction-model", "content"], "novsc": ["--correction-model", "content", "--correct", "cnc,bc"]}.items():
         npz = tmp_path / f"{name}.npz"
-        assert main(["sample", str(run), "--num", "3", "--steps", "5", "--out", str(npz), "--no-progress", *extra]) == 0, capsys.readouterr().err
+        assert main(["sample", str(run), "--num", "3", "--steps", "5", "--act-bits", "4", "--out", str(npz), "--no-progress", *extra]) == 0, \
+            capsys.readouterr().err
         images[name] = np.load(npz)["images"]
         rec = json.loads(npz.with_suffix(".json").read_text())
         want = {"ptqd": ["cnc", "bc", "vsc"], "content": ["content", "vsc"], "novsc": ["content"]}[name]
         assert rec["correction"] == want
     assert not (images["ptqd"] == images["content"]).all() and not (images["content"] == images["novsc"]).all()
+    # budgeted mixed precision: tolerance 1 keeps every step at A8, a huge one puts every step at A4, 1.5 lies between
+    records = {}
+    for budget in ("1", "1.5", "1e9"):
+        npz = tmp_path / f"budget{budget}.npz"
+        assert main(["sample", str(run), "--num", "2", "--steps", "5", "--correction-model", "content", "--fidelity-budget", budget,
+                     "--out", str(npz), "--no-progress"]) == 0, capsys.readouterr().err
+        records[budget] = json.loads(npz.with_suffix(".json").read_text())
+    assert records["1"]["bit_schedule"] == "t 800→0: A8" and records["1e9"]["bit_schedule"] == "t 800→0: A4"
+    assert records["1"]["budget"]["predicted_relative_mse"] == pytest.approx(1.0)
+    assert records["1.5"]["budget"]["predicted_relative_mse"] <= 1.5 and records["1.5"]["bit_criterion"] == "fidelity budget 1.5"
+    assert records["1e9"]["sampling_bops"] < records["1.5"]["sampling_bops"] <= records["1"]["sampling_bops"]
+    capsys.readouterr()
+    assert main(["sample", str(run), "--num", "2", "--steps", "5", "--fidelity-budget", "0.5", "--out", str(tmp_path / "b.npz"),
+                 "--no-progress"]) == 2
+    assert "fidelity budget is a factor ≥ 1" in capsys.readouterr().err
     # a regression model needs a run: refused for an FP model
     capsys.readouterr()
     assert main(["sample", "--model", "digits16-cond", "--num", "2", "--steps", "3", "--correction-model", "content",

@@ -150,6 +150,8 @@ def quantize(
     act_bits: int | str | None = None,
     scheduler=None,
     block_order: str | None = None,
+    correction_model: str | None = None,
+    fidelity_budget: float | None = None,
     out: str | Path | None = None,
     progress: bool = True,
 ):
@@ -162,7 +164,10 @@ def quantize(
     for conditional models); the returned pipeline samples corrected with exactly that sampler (use
     :func:`plan` for another). ``forward_loop(denoiser)`` replaces the built-in calibration
     trajectories (ModelOpt's convention). ``block_order``: the order blocks are reconstructed in,
-    ``forward`` or ``registration`` (default: :data:`ptqd.defaults.BLOCK_ORDER`). ``out``: also write a
+    ``forward`` or ``registration`` (default: :data:`ptqd.defaults.BLOCK_ORDER`). ``correction_model``:
+    ``ptqd`` (default), ``mean``, ``content`` or ``content-pixel`` (:mod:`ptqd.correction.models`).
+    ``fidelity_budget``: mixed precision by the budgeted criterion (the cheapest bit schedule whose
+    predicted MSE to FP stays within that factor of the all-high-bit run's). ``out``: also write a
     run directory (a cache: the object returned is complete without it).
     """
     from ptqd.runs import quantize as quantize_run
@@ -176,7 +181,7 @@ def quantize(
         noise_samples=p.noise_samples if method == "ptqd" else 0, mixed_precision=mixed_precision, forward_loop=forward_loop,
     )
     template = obj if (_is_pipeline(obj) or not isinstance(obj, (str, Path, DiffusionModel))) else None
-    return _assemble(template, run, sampler, correct, act_bits)
+    return _assemble(template, run, sampler, correct, act_bits, correction_model, fidelity_budget)
 
 
 def run_of(obj) -> QuantizedRun:
@@ -191,14 +196,18 @@ def run_of(obj) -> QuantizedRun:
 
 def plan(obj, sampler: SamplerConfig | None = None, *, steps: int | None = None, eta: float | None = None,
          guidance: float | None = None, scheduler: str | None = None, correct: str | None = None,
-         act_bits: int | str | None = None, collect: bool = True, progress: bool = True):
-    """The same quantized pipeline (or denoiser) made for another sampler: its noise statistics are
+         act_bits: int | str | None = None, correction_model: str | None = None, fidelity_budget: float | None = None,
+         collect: bool = True, progress: bool = True):
+    """The same quantized pipeline (or denoiser) made for another sampler, correction or bit schedule
+    (``correction_model``, ``fidelity_budget`` as in :func:`quantize`): its noise statistics are
     collected first when ``collect`` (the default; they need the FP model) and none are held."""
     run = run_of(obj)
     old = getattr(obj, "ptqd_sampler", None) or default_sampler(run.base)
     sampler = sampler or dataclasses.replace(
         old, **{k: v for k, v in dict(steps=steps, eta=eta, guidance=guidance, scheduler=scheduler).items() if v is not None}
     )
+    if fidelity_budget is not None:
+        act_bits = "mixed"
     if collect and _needs_stats(run, sampler, correct, act_bits) and not _has_stats(run, sampler):
         ptqd_cfg = run.config.get("correction") or {}
         seed = ptqd_cfg.get("noise_seed", defaults.NOISE_SEED)
@@ -208,7 +217,7 @@ def plan(obj, sampler: SamplerConfig | None = None, *, steps: int | None = None,
         )
         stats = collect_stats(run, request, out=run.path if run.manifest is None else None, progress=progress)
         run.stats = [s for s in _held(run) if stats_name_for(s) != stats_name_for(stats)] + [stats]
-    return _assemble(obj, run, sampler, correct, act_bits)
+    return _assemble(obj, run, sampler, correct, act_bits, correction_model, fidelity_budget)
 
 
 def _held(run) -> list:
@@ -227,13 +236,14 @@ def _has_stats(run, sampler) -> bool:
     return any(stats_name_for(s) == name for s in _held(run)) or (run.path is not None and (Path(run.path) / name).is_file())
 
 
-def _assemble(template, run: QuantizedRun, sampler: SamplerConfig, correct: str | None, act_bits):
+def _assemble(template, run: QuantizedRun, sampler: SamplerConfig, correct: str | None, act_bits,
+              correction_model: str | None = None, fidelity_budget: float | None = None):
     """The object :func:`quantize` / :func:`load` / :func:`plan` return, planned for ``sampler``: a
     denoiser when ``template`` is a denoiser, else a pipeline (``template``'s class and components, or
     the one ptqd builds for the model)."""
     if correct is None:
         correct = "all" if run.config.get("method") == "ptqd" else "none"
-    sp = plan_sampling(run, sampler, correct, act_bits)
+    sp = plan_sampling(run, sampler, correct, act_bits, model=correction_model, fidelity_budget=fidelity_budget)
     denoiser = sp.denoiser
     denoiser.ptqd_run, denoiser.ptqd_sampler, denoiser.ptqd_record = run, sampler, sp.record
     if template is not None and not _is_pipeline(template):
@@ -266,7 +276,8 @@ def corrected_scheduler(denoiser: QuantizedDenoiser, scheduler):
     """A diffusers scheduler wrapped with the PTQD correction of a quantized denoiser's plan."""
     run, sampler = run_of(denoiser), denoiser.ptqd_sampler
     record = denoiser.ptqd_record
-    sp = plan_sampling(run, sampler, record.get("correction") or "none", "mixed" if "bit_schedule" in record else record.get("act_bits"))
+    sp = plan_sampling(run, sampler, record.get("correction") or "none", "mixed" if "bit_schedule" in record else record.get("act_bits"),
+                       fidelity_budget=(record.get("budget") or {}).get("tolerance"))
     if sp.corrector is None:
         return scheduler
     return PTQDScheduler(scheduler, sp.corrector, sampler)
@@ -290,6 +301,7 @@ def save(obj, directory: str | Path, overwrite: bool = False) -> Path:
         "sampler": asdict(sampler) if sampler is not None else None,
         "correct": ",".join(record.get("correction") or []) or "none",
         "act_bits": "mixed" if "bit_schedule" in record else record.get("act_bits"),
+        "fidelity_budget": (record.get("budget") or {}).get("tolerance"),
     }
     with atomic_path(Path(directory) / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -318,9 +330,9 @@ def load(directory: str | Path, backend: str = "int"):
         run.base, scheduler=run.config["calibration"].get("scheduler"), steps=run.config["calibration"].get("steps"),
         eta=run.config["calibration"].get("eta"), guidance=run.config["calibration"].get("guidance"),
     )
-    correct, act_bits = info.get("correct"), info.get("act_bits")
+    correct, act_bits, budget = info.get("correct"), info.get("act_bits"), info.get("fidelity_budget")
     if info.get("kind") == "denoiser":
-        return _assemble(QuantizedDenoiser(run.qnet), run, sampler, correct, act_bits)
+        return _assemble(QuantizedDenoiser(run.qnet), run, sampler, correct, act_bits, fidelity_budget=budget)
     if info.get("pipeline") not in (None, *PIPELINES):
         raise PtqdError(f"{info_file}: pipeline {info['pipeline']!r} is not one ptqd rebuilds ({', '.join(PIPELINES)})")
-    return _assemble(None, run, sampler, correct, act_bits)
+    return _assemble(None, run, sampler, correct, act_bits, fidelity_budget=budget)

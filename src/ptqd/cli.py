@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--low-bit-steps", type=int, default=None, help="mixed precision override: the first N steps at the lowest bit-width")
     s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
+    s.add_argument(
+        "--fidelity-budget", type=float, default=None,
+        help="mixed precision by budget: the cheapest bit schedule whose predicted MSE to FP stays within this factor "
+        "(e.g. 1.5) of the all-high-bit run's, from the noise statistics propagated through the sampler",
+    )
     s.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
     s.add_argument(
         "--num", "--num-samples", dest="num", type=int, default=D.NUM_SAMPLES,
@@ -406,9 +411,11 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         if args.collect_stats:
             from ptqd.runs import ensure_stats
 
-            ensure_stats(run, config, correct, args.act_bits, progress=not args.no_progress and ctx.main)
+            ensure_stats(run, config, correct, "mixed" if args.fidelity_budget is not None else args.act_bits,
+                         progress=not args.no_progress and ctx.main)
 
-        plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION)
+        plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION,
+                             fidelity_budget=args.fidelity_budget)
         model = plan.model
         if getattr(run.qnet, "ptqd_backend", None):
             plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}
@@ -419,9 +426,9 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
                 print(f"activation bits per step: {plan.record['bit_schedule']}")
     else:
         if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion or args.backend \
-                or args.correction_model:
-            raise PtqdError("--act-bits, --correct, --correction-model, --low-bit-steps, --criterion and --backend need a quantization "
-                            "run or checkpoint")
+                or args.correction_model or args.fidelity_budget is not None:
+            raise PtqdError("--act-bits, --correct, --correction-model, --low-bit-steps, --criterion, --fidelity-budget and --backend "
+                            "need a quantization run or checkpoint")
         if args.collect_stats:
             raise PtqdError("--collect-stats needs a quantization run directory")
         model = load(args.model, prompts=read_prompts(args.prompts) if args.prompts else None).to(device)

@@ -175,6 +175,48 @@ def schedule_for(run, stats: NoiseStats, sampler: SamplerConfig, candidates=None
     return bit_schedule(stats, sched.alphas_cumprod.numpy(), sched.config.num_train_timesteps, candidates, criterion, low_steps)
 
 
+def residual_for_budget(stats: NoiseStats, parts) -> dict[int, np.ndarray]:
+    """Per bit-width, the per-element mean square of ε left by the correction ``parts`` at each step
+    (held-out trajectories when the statistics have them): what the budgeted criterion propagates."""
+    from ptqd.correction.corrector import correction_model
+    from ptqd.correction.stats import _score_key
+
+    table = stats.mse.get("heldout") or stats.mse.get("fit")
+    if not table:
+        where = f" in {stats.path}" if stats.path else ""
+        raise PtqdError(
+            f"the fidelity budget needs the joint moments the noise statistics{where} lack (written by an older ptqd); "
+            "collect them again with `ptqd stats RUN`"
+        )
+    model = correction_model(tuple(parts))
+    key = "error" if not any(p in parts for p in ("cnc", "bc")) and model == "ptqd" else _score_key(model, parts)
+    return {b: np.asarray(table[key][i]) for i, b in enumerate(stats.bits)}
+
+
+def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance: float, candidates=None) -> dict[str, Any]:
+    """The cheapest bit schedule whose predicted final MSE to FP stays within ``tolerance`` × that of
+    the all-high-bit run (:mod:`ptqd.correction.mixed`), with the whole cost/error curve."""
+    from ptqd.correction.mixed import budget_curve, budget_schedule, data_variance, propagation_gains
+
+    candidates = sorted(candidates or stats.bits)
+    for b in candidates:
+        stats.bit(b)
+    res_all = residual_for_budget(stats, parts)
+    res = {b: res_all[b] for b in candidates}
+    sched = make_scheduler(run.base, sampler.scheduler, sampler.steps)
+    if stats.x_var is None:
+        raise PtqdError("the fidelity budget needs the variance of x_t the noise statistics lack; collect them again with `ptqd stats RUN`")
+    last = int(np.argmax([float(sched.alphas_cumprod[int(t)]) for t in stats.timesteps]))  # the least noisy step
+    v = data_variance(float(stats.x_var[last]), float(sched.alphas_cumprod[int(stats.timesteps[last])]))
+    gains = propagation_gains(sched, sampler.scheduler, float(sampler.eta), v)
+    bops = bops_per_bits(run, candidates)
+    schedule = budget_schedule(res, gains, bops, stats.timesteps, tolerance)
+    curve = budget_curve(res, gains, bops)
+    bits = [schedule[int(t)] for t in stats.timesteps]
+    chosen = next(e for e in curve if list(e["bits"]) == bits)
+    return {"schedule": schedule, "curve": curve, "chosen": chosen, "data_var": v, "gains": gains, "bops": bops}
+
+
 def bops_per_bits(run, bits: list[int]) -> dict[int, float]:
     """BOPs of one denoiser forward (one image) at each activation bit-width."""
     before = current_act_bits(run.qnet)
@@ -208,13 +250,22 @@ def plan_sampling(
     low_steps: int | None = None,
     criterion: str = DEFAULT_CRITERION,
     model: str | None = None,
+    fidelity_budget: float | None = None,
 ) -> SamplingPlan:
     """Corrections ``correct`` (none|all|subset of cnc,bc,vsc); ``act_bits`` an int, ``"mixed"``
     (bit-width per step from the statistics) or None (the run's default: mixed for a PTQD run
     calibrated for several bit-widths, else its act_bits). ``low_steps`` forces the first N steps to the
     lowest bit-width. ``model``: the correction model (``ptqd`` default; a regression model replaces
-    CNC/BC, see :func:`ptqd.correction.corrector.parse_parts`)."""
+    CNC/BC, see :func:`ptqd.correction.corrector.parse_parts`). ``fidelity_budget``: mixed precision
+    by the budgeted criterion, the cheapest schedule whose predicted MSE to FP is within that factor of
+    the all-high-bit run's (:func:`budget_plan`)."""
     parts = parse_parts(correct, model)
+    if fidelity_budget is not None:
+        if low_steps is not None:
+            raise PtqdError("give either a fidelity budget or a number of low-bit steps, not both")
+        if not (isinstance(fidelity_budget, (int, float)) and np.isfinite(fidelity_budget) and fidelity_budget >= 1):
+            raise PtqdError(f"the fidelity budget is a factor ≥ 1 on the all-high-bit run's predicted MSE to FP, got {fidelity_budget!r}")
+        act_bits = "mixed"
     bits_avail = calibrated_bits(run)
     if act_bits is None:
         act_bits = "mixed" if (run.config.get("correction") or {}).get("mixed_precision") else run.quant_config.act_bits
@@ -236,7 +287,17 @@ def plan_sampling(
     stats = find_stats(run, sampler) if (parts or mixed) else None
     fp = run.base
     record: dict[str, Any] = {"correction": list(parts)}
-    if mixed:
+    if mixed and fidelity_budget is not None:
+        plan = budget_plan(run, stats, sampler, parts, float(fidelity_budget), bits_avail)
+        schedule = plan["schedule"]
+        record["bit_schedule"] = describe_schedule(schedule)
+        record["bit_criterion"] = f"fidelity budget {fidelity_budget:g}"
+        record["budget"] = {
+            "tolerance": float(fidelity_budget), "predicted_relative_mse": float(plan["chosen"]["relative"]),
+            "predicted_mse": float(plan["chosen"]["predicted_mse"]), "low_steps": int(plan["chosen"]["low_steps"]),
+            "data_var": float(plan["data_var"]),
+        }
+    elif mixed:
         schedule = schedule_for(run, stats, sampler, bits_avail, criterion, low_steps)
         record["bit_schedule"] = describe_schedule(schedule)
         record["bit_criterion"] = f"first {low_steps} steps low" if low_steps is not None else criterion

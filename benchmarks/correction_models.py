@@ -1,0 +1,349 @@
+"""Which correction brings a quantized model closest to its own FP model? Q-Diffusion, each part of
+PTQD's correction, the per-channel conditional mean, the content-aware map (± pixel bias), each ± VSC,
+and budgeted mixed precision, at W8A8, W4A8, W4A4 and mixed A4/A8, on the bundled models.
+
+Two phases (sampling is the slow part; evaluation reruns in seconds):
+
+    .venv/bin/python benchmarks/correction_models.py sample --model digits16-cond --num 500 --seeds 0,1
+    .venv/bin/python benchmarks/correction_models.py evaluate --model digits16-cond --num 500 --seeds 0,1
+
+``--protocol``: ``eta1`` (DDIM 50 steps, eta 1, guidance 3: the default), ``eta0`` (DDIM 20 steps,
+eta 0, guidance 3: the paper's deterministic LDM protocol in miniature) or ``long`` (DDIM 100 steps,
+eta 1, guidance 1.5). ``sample`` quantizes the runs into OUT/runs if missing (``w4``: 4-bit weights
+calibrated for 8- and 4-bit activations, so one run serves W4A8, W4A4 and mixed; ``w8``: W8A8), collects
+each run's noise statistics for the protocol's sampler (fitted on seed 2000's trajectories, scored on
+seed 2001's; evaluation seeds are 0, 1, …, never those), and writes OUT/samples/<row>_<protocol>_seed<S>.npz
+for FP and every row and seed. Finished files are skipped and files holding more images are reused (their
+first N images are exactly an N-image run), so an interrupted run resumes. ``evaluate`` writes
+OUT/results_<protocol>.{json,md}: per row the paired metrics to FP of the same seed (PSNR, SSIM, MSE),
+FD→FP against its floor (FP of the other seed), FD/sFD/precision/recall to the real digits (decoded
+images for the latent model), GBOPs, per-image paired PSNR differences with 95 % intervals, and from the
+statistics the held-out R² per step of every correction model next to its in-sample value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptqd import __version__
+from ptqd.calibration import CalibrationOptions
+from ptqd.correction import plan_sampling
+from ptqd.io import write_json
+from ptqd.models import load
+from ptqd.quant import QuantConfig
+from ptqd.runs import ensure_stats, load_run, quantize
+from ptqd.sampling import SamplerConfig, load_samples, sample, save_samples
+
+PROTOCOLS = {  # steps, eta, guidance
+    "eta1": (50, 1.0, 3.0),
+    "eta0": (20, 0.0, 3.0),
+    "long": (100, 1.0, 1.5),
+}
+# key: setting, label, run, correction, act bits, correction model, fidelity budget
+ROWS = {
+    "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
+    "ptqd_w8a8": ("W8A8", "PTQD", "w8", "all", 8, None, None),
+    "mean_w8a8": ("W8A8", "mean", "w8", "cnc,bc", 8, "mean", None),
+    "content_w8a8": ("W8A8", "content", "w8", "cnc,bc", 8, "content", None),
+    "qdiff_w4a8": ("W4A8", "Q-Diffusion", "w4", "none", 8, None, None),
+    "ptqd_w4a8": ("W4A8", "PTQD", "w4", "all", 8, None, None),
+    "mean_w4a8": ("W4A8", "mean", "w4", "cnc,bc", 8, "mean", None),
+    "content_w4a8": ("W4A8", "content", "w4", "cnc,bc", 8, "content", None),
+    "contentvsc_w4a8": ("W4A8", "content + VSC", "w4", "all", 8, "content", None),
+    "qdiff_w4a4": ("W4A4", "Q-Diffusion", "w4", "none", 4, None, None),
+    "cnc_w4a4": ("W4A4", "+CNC", "w4", "cnc", 4, None, None),
+    "bc_w4a4": ("W4A4", "+BC", "w4", "bc", 4, None, None),
+    "cncbc_w4a4": ("W4A4", "+CNC+BC", "w4", "cnc,bc", 4, None, None),
+    "ptqd_w4a4": ("W4A4", "PTQD (CNC+BC+VSC)", "w4", "all", 4, None, None),
+    "mean_w4a4": ("W4A4", "mean", "w4", "cnc,bc", 4, "mean", None),
+    "meanvsc_w4a4": ("W4A4", "mean + VSC", "w4", "all", 4, "mean", None),
+    "content_w4a4": ("W4A4", "content", "w4", "cnc,bc", 4, "content", None),
+    "contentvsc_w4a4": ("W4A4", "content + VSC", "w4", "all", 4, "content", None),
+    "pixel_w4a4": ("W4A4", "content-pixel", "w4", "cnc,bc", 4, "content-pixel", None),
+    "pixelvsc_w4a4": ("W4A4", "content-pixel + VSC", "w4", "all", 4, "content-pixel", None),
+    "ptqd_mixed": ("A4/A8", "PTQD mixed (snr-unscaled)", "w4", "all", "mixed", None, None),
+    "qdiff_budget": ("A4/A8", "Q-Diffusion, budget 1.5", "w4", "none", "mixed", None, 1.5),
+    "content_budget": ("A4/A8", "content, budget 1.5", "w4", "cnc,bc", "mixed", "content", 1.5),
+    "content_budget1.2": ("A4/A8", "content, budget 1.2", "w4", "cnc,bc", "mixed", "content", 1.2),
+    "content_budget3": ("A4/A8", "content, budget 3", "w4", "cnc,bc", "mixed", "content", 3.0),
+}
+DEFAULT_ROWS = ",".join(ROWS)
+# paired PSNR differences reported: (a, b) on the same images
+COMPARISONS = [
+    ("ptqd_w8a8", "qdiff_w8a8"), ("content_w8a8", "qdiff_w8a8"), ("mean_w8a8", "qdiff_w8a8"),
+    ("ptqd_w4a8", "qdiff_w4a8"), ("content_w4a8", "qdiff_w4a8"), ("mean_w4a8", "qdiff_w4a8"), ("contentvsc_w4a8", "qdiff_w4a8"),
+    ("ptqd_w4a4", "qdiff_w4a4"), ("mean_w4a4", "qdiff_w4a4"), ("content_w4a4", "qdiff_w4a4"), ("pixel_w4a4", "qdiff_w4a4"),
+    ("content_w4a4", "ptqd_w4a4"), ("content_w4a4", "cnc_w4a4"), ("contentvsc_w4a4", "content_w4a4"),
+    ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"),
+]
+
+
+def rows_of(args) -> list[str]:
+    keys = [k for k in args.rows.split(",") if k]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: use some of {DEFAULT_ROWS}")
+    return keys
+
+
+def sampler_for(args, seed: int) -> SamplerConfig:
+    steps, eta, guidance = PROTOCOLS[args.protocol]
+    return SamplerConfig("ddim", steps, eta, guidance, seed, args.batch_size)
+
+
+def calib_options() -> CalibrationOptions:
+    """Lighter than the library default so the benchmark fits a CPU session (as the demo)."""
+    return CalibrationOptions(recon_samples=512, weight_iters=100, act_iters=50)
+
+
+def get_run(args, fp, name: str):
+    d = args.out / "runs" / name
+    if (d / "quant_state.safetensors").is_file():
+        return load_run(d, model=fp)
+    qc = QuantConfig(weight_bits=4, act_bits=8, extra_act_bits=[4]) if name == "w4" else QuantConfig(weight_bits=8, act_bits=8)
+    t0 = time.perf_counter()
+    run = quantize(fp, qc, "ptqd", calib_options(), sampler=sampler_for(args, 0), out=d, progress=False,
+                   noise_samples=args.noise_samples, mixed_precision=[4, 8] if name == "w4" else None)
+    print(f"{name}: quantized in {time.perf_counter() - t0:.0f} s", flush=True)
+    return run
+
+
+def sample_path(args, key: str, seed: int) -> Path:
+    return args.out / "samples" / f"{key}_{args.protocol}_seed{seed}.npz"
+
+
+def sample_all(args) -> None:
+    fp = load(args.model)
+    runs: dict[str, object] = {}
+    for seed in args.seeds:
+        sampler = sampler_for(args, seed)
+        for key in ["fp32"] + rows_of(args):
+            path = sample_path(args, key, seed)
+            if path.is_file() and len(load_samples(path).images) >= args.num:
+                continue
+            t0 = time.perf_counter()
+            if key == "fp32":
+                s = sample(fp, args.num, sampler, progress=False)
+            else:
+                _, _, run_name, correct, bits, model, budget = ROWS[key]
+                if run_name not in runs:
+                    runs[run_name] = get_run(args, fp, run_name)
+                run = runs[run_name]
+                ensure_stats(run, sampler, "all", "mixed" if run_name == "w4" else None, progress=False)
+                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=budget)
+                s = sample(plan.model, args.num, sampler, progress=False, denoise=plan.denoise, corrector=plan.corrector)
+                s.config.update(plan.record)
+            s.config["benchmark"] = {"row": path.stem, "seconds": round(time.perf_counter() - t0, 1)}
+            save_samples(s, path)
+            print(f"{path.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def first(samples, n: int):
+    if len(samples.images) < n:
+        raise SystemExit(f"{n} images asked, the file has {len(samples.images)}")
+    samples.images = samples.images[:n]
+    samples.labels = samples.labels[:n] if samples.labels is not None else None
+    samples.config = {**samples.config, "num": n}
+    return samples
+
+
+def r2_summary(args) -> dict:
+    """Per run, bit-width and model: held-out and in-sample R² (share of the quantization error removed),
+    averaged over steps and over the noisiest / middle / last third of the steps."""
+    from ptqd.correction.stats import load_stats, stats_name
+
+    out = {}
+    for run_name in ("w4", "w8"):
+        sampler = sampler_for(args, 0)
+        path = args.out / "runs" / run_name / stats_name(sampler, True)
+        if not path.is_file():
+            continue
+        st = load_stats(path)
+        for which in ("fit", "heldout"):
+            for model, v in st.r2(which).items():
+                for i, b in enumerate(st.bits):
+                    thirds = np.array_split(v[i], 3)
+                    out.setdefault(f"{run_name} A{b}", {}).setdefault(model, {})[which] = {
+                        "mean": float(v[i].mean()), "thirds": [float(t.mean()) for t in thirds], "per_step": [float(x) for x in v[i]],
+                    }
+    return out
+
+
+def evaluate_all(args) -> None:
+    from ptqd.metrics import evaluate
+    from ptqd.metrics.fidelity import fidelity, paired_arrays
+
+    results, loaded = [], {}
+
+    def get(key, seed):
+        if (key, seed) not in loaded:
+            loaded[key, seed] = first(load_samples(sample_path(args, key, seed)), args.num)
+        return loaded[key, seed]
+
+    fps = {s: get("fp32", s) for s in args.seeds}
+    for key in ["fp32"] + rows_of(args):
+        setting, label = ("FP32", "FP32") if key == "fp32" else ROWS[key][:2]
+        for seed in args.seeds:
+            if not sample_path(args, key, seed).is_file():
+                continue
+            s = get(key, seed)
+            other = next((o for o in args.seeds if o != seed), None)
+            m = {**evaluate(s.images, s.labels), **fidelity(s, fps[seed], fps[other] if other is not None else None)}
+            results.append({
+                "key": key, "setting": setting, "method": label, "seed": seed, "num": len(s.images),
+                "bit_schedule": s.config.get("bit_schedule"), "budget": s.config.get("budget"),
+                "gbops_sampling": (s.config.get("sampling_bops") or 0) / 1e9 or None,
+                "sample_seconds": s.config.get("benchmark", {}).get("seconds"), **m,
+            })
+            print(f"{key} seed {seed}: psnr {m['psnr']:.2f} mse {m['mse'] * 1e3:.3f}e-3 fd_fp {m.get('fd_fp', float('nan')):.2f}", flush=True)
+    diffs = []
+    for a, b in COMPARISONS:
+        for seed in args.seeds:
+            if not all(sample_path(args, k, seed).is_file() for k in (a, b)):
+                continue
+            pa = paired_arrays(get(a, seed).images, fps[seed].images)
+            pb = paired_arrays(get(b, seed).images, fps[seed].images)
+            d = pa["psnr"] - pb["psnr"]
+            rel = pa["mse"].mean() / max(pb["mse"].mean(), 1e-30) - 1
+            diffs.append({"a": a, "b": b, "seed": seed, "mean_db": float(d.mean()), "ci95_db": float(1.96 * d.std(ddof=1) / np.sqrt(len(d))),
+                          "mse_change": float(rel), "num": int(len(d))})
+    steps, eta, guidance = PROTOCOLS[args.protocol]
+    meta = {
+        "command": f"python benchmarks/correction_models.py sample {_argline(args)} && "
+                   f"python benchmarks/correction_models.py evaluate {_argline(args)}",
+        "ptqd": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.platform(), "processor": platform.processor() or "cpu", "model": args.model,
+        "sampler": f"DDIM {steps} steps, eta {eta:g}, guidance {guidance:g}, labels 0..9 cycled",
+    }
+    r2 = r2_summary(args)
+    write_json(args.out / f"results_{args.protocol}.json", {**meta, "rows": results, "paired_differences": diffs, "r2": r2})
+    write_table(args, meta, results, diffs, r2)
+    if any(r["budget"] for r in results):
+        plot_budget(args, results)
+
+
+COLUMNS = [  # key, header, scale, digits
+    ("psnr", "PSNR to FP dB", 1, 2), ("mse", "MSE to FP ×1e3", 1000, 3), ("ssim", "SSIM to FP", 1, 3),
+    ("fd_fp_ratio", "FD→FP / floor", 1, 2), ("fd", "FD", 1, 1), ("sfd", "sFD", 1, 2),
+    ("precision", "prec.", 1, 3), ("recall", "recall", 1, 3), ("accuracy", "acc.", 1, 3),
+]
+
+
+def _cell(rs, key, scale, digits):
+    v = np.array([r[key] for r in rs if r.get(key) is not None], dtype=float) * scale
+    if len(v) == 0:
+        return "–"
+    if key == "psnr" and all(r.get("identical") == r.get("num_pairs") for r in rs):
+        return "= FP"
+    sd = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.{digits}f} ± {sd:.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
+def write_table(args, meta, results, diffs, r2) -> None:
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["key"], []).append(r)
+    lines = ["| setting | method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " | GBOPs / image |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    for key, rs in groups.items():
+        g = rs[0].get("gbops_sampling")
+        lines.append(f"| {rs[0]['setting']} | {rs[0]['method']} | " + " | ".join(_cell(rs, *c[:1], *c[2:]) for c in COLUMNS)
+                     + (f" | {g:.1f} |" if g else " | – |"))
+    r2_lines = ["| run | model | held-out R² (all steps) | noisiest third | middle third | last third | in-sample R² |", "|---|---|---|---|---|---|---|"]
+    for where, models in r2.items():
+        for model, v in models.items():
+            h, f = v.get("heldout"), v.get("fit")
+            if h is None:
+                continue
+            r2_lines.append(f"| {where} | {model} | {h['mean']:.3f} | " + " | ".join(f"{x:.3f}" for x in h["thirds"]) + f" | {f['mean']:.3f} |")
+    schedules = sorted({(r["method"], r["bit_schedule"], json.dumps(r["budget"])) for r in results if r.get("bit_schedule")})
+    n = results[0]["num"] if results else 0
+    text = "\n".join([
+        f"# Correction models on {args.model} ({args.protocol})",
+        "",
+        "Command:",
+        "",
+        f"    {meta['command']}",
+        "",
+        f"{meta['sampler']}; {n} images per row and seed, seeds {', '.join(map(str, args.seeds))} (mean ± std over seeds);",
+        f"ptqd {meta['ptqd']}, torch {meta['torch']}, {meta['threads']} threads, {meta['processor']}.",
+        "Paired columns compare each image with the FP image of the same seed, label and noise. FD→FP / floor: Fréchet",
+        "distance (bundled classifier features) to the FP set of the same seed over that between the two FP seeds.",
+        "FD/sFD, precision, recall, accuracy: against the real digits. Statistics were fitted on seed 2000's",
+        "trajectories; every evaluation seed is another.",
+        "",
+        *lines,
+        "",
+        "Per-image paired differences on the same images (a − b; PSNR mean and 95 % interval over images; change in mean MSE to FP):",
+        "",
+        *[f"- {d['a']} − {d['b']}, seed {d['seed']}: {d['mean_db']:+.2f} ± {d['ci95_db']:.2f} dB, MSE {d['mse_change']:+.1%}" for d in diffs],
+        "",
+        "Share of the quantization error E|ε̂ − ε|² each correction model removes (R², 1 − E|ε_corr − ε|²/E|ε̂ − ε|², mean over",
+        "steps), on held-out trajectories (seed 2001) and in-sample (seed 2000):",
+        "",
+        *r2_lines,
+        "",
+        "Bit schedules:",
+        "",
+        *[f"- {m}: {s}" + (f" (predicted {json.loads(b)['predicted_relative_mse']:.2f}× the A8 run's MSE)" if b != "null" else "")
+          for m, s, b in schedules],
+        "",
+    ])
+    (args.out / f"results_{args.protocol}.md").write_text(text)
+    print(text)
+
+
+def plot_budget(args, results) -> None:
+    """Predicted relative MSE to FP against GBOPs along the budget curve, and the measured points."""
+    from ptqd.correction.apply import budget_plan
+    from ptqd.correction.stats import load_stats, stats_name
+    from ptqd.report import plot_budget_curve
+
+    fp = load(args.model)
+    run = load_run(args.out / "runs" / "w4", model=fp)
+    sampler = sampler_for(args, 0)
+    stats = load_stats(args.out / "runs" / "w4" / stats_name(sampler, True))
+    plan = budget_plan(run, stats, sampler, ("content",), 1.5)
+    base = {r["seed"]: r["mse"] for r in results if r["key"] == "content_w4a8"}
+    measured = []
+    for key in ("content_w4a4", "content_budget1.2", "content_budget", "content_budget3", "content_w4a8"):
+        rs = [r for r in results if r["key"] == key and r["seed"] in base]
+        if rs:
+            gb = rs[0]["gbops_sampling"] / 2  # the curve counts one forward per step (no guidance factor)
+            measured.append({"gbops": gb, "relative_mse": float(np.mean([r["mse"] / base[r["seed"]] for r in rs])), "label": ROWS[key][1]})
+    plot_budget_curve(plan["curve"], measured, args.out / f"budget_{args.protocol}.png",
+                      title=f"{args.model}, W4 content correction: predicted vs measured MSE to FP (relative to A8)", tolerance=1.5)
+
+
+def _argline(args) -> str:
+    return f"--model {args.model} --protocol {args.protocol} --num {args.num} --seeds {','.join(map(str, args.seeds))} --rows {args.rows}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["sample", "evaluate"])
+    p.add_argument("--model", default="digits16-cond", choices=["digits16-cond", "digits-ldm"])
+    p.add_argument("--protocol", default="eta1", choices=list(PROTOCOLS))
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/correction_models/MODEL")
+    p.add_argument("--num", type=int, default=500)
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="which quantized rows (comma-separated keys)")
+    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
+    p.add_argument("--noise-samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=250)
+    args = p.parse_args()
+    args.out = args.out or Path("benchmarks/results/correction_models") / args.model
+    if args.phase == "sample":
+        sample_all(args)
+    else:
+        evaluate_all(args)
+
+
+if __name__ == "__main__":
+    main()
