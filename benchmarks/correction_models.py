@@ -24,6 +24,7 @@ statistics the held-out R² per step of every correction model next to its in-sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -47,32 +48,33 @@ PROTOCOLS = {  # steps, eta, guidance
     "long": (100, 1.0, 1.5),
 }
 # key: setting, label, run, correction, act bits, correction model, fidelity budget
-ROWS = {
-    "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
-    "ptqd_w8a8": ("W8A8", "PTQD", "w8", "all", 8, None, None),
-    "mean_w8a8": ("W8A8", "mean", "w8", "cnc,bc", 8, "mean", None),
-    "content_w8a8": ("W8A8", "content", "w8", "cnc,bc", 8, "content", None),
-    "qdiff_w4a8": ("W4A8", "Q-Diffusion", "w4", "none", 8, None, None),
-    "ptqd_w4a8": ("W4A8", "PTQD", "w4", "all", 8, None, None),
-    "mean_w4a8": ("W4A8", "mean", "w4", "cnc,bc", 8, "mean", None),
-    "content_w4a8": ("W4A8", "content", "w4", "cnc,bc", 8, "content", None),
-    "contentvsc_w4a8": ("W4A8", "content + VSC", "w4", "all", 8, "content", None),
+ROWS = {  # in the order they are sampled: the most telling first
     "qdiff_w4a4": ("W4A4", "Q-Diffusion", "w4", "none", 4, None, None),
-    "cnc_w4a4": ("W4A4", "+CNC", "w4", "cnc", 4, None, None),
-    "bc_w4a4": ("W4A4", "+BC", "w4", "bc", 4, None, None),
-    "cncbc_w4a4": ("W4A4", "+CNC+BC", "w4", "cnc,bc", 4, None, None),
     "ptqd_w4a4": ("W4A4", "PTQD (CNC+BC+VSC)", "w4", "all", 4, None, None),
-    "mean_w4a4": ("W4A4", "mean", "w4", "cnc,bc", 4, "mean", None),
-    "meanvsc_w4a4": ("W4A4", "mean + VSC", "w4", "all", 4, "mean", None),
     "content_w4a4": ("W4A4", "content", "w4", "cnc,bc", 4, "content", None),
+    "mean_w4a4": ("W4A4", "mean", "w4", "cnc,bc", 4, "mean", None),
     "contentvsc_w4a4": ("W4A4", "content + VSC", "w4", "all", 4, "content", None),
     "pixel_w4a4": ("W4A4", "content-pixel", "w4", "cnc,bc", 4, "content-pixel", None),
+    "cnc_w4a4": ("W4A4", "+CNC", "w4", "cnc", 4, None, None),
+    "meanvsc_w4a4": ("W4A4", "mean + VSC", "w4", "all", 4, "mean", None),
+    "cncbc_w4a4": ("W4A4", "+CNC+BC", "w4", "cnc,bc", 4, None, None),
+    "bc_w4a4": ("W4A4", "+BC", "w4", "bc", 4, None, None),
     "pixelvsc_w4a4": ("W4A4", "content-pixel + VSC", "w4", "all", 4, "content-pixel", None),
+    "qdiff_w4a8": ("W4A8", "Q-Diffusion", "w4", "none", 8, None, None),
+    "ptqd_w4a8": ("W4A8", "PTQD", "w4", "all", 8, None, None),
+    "content_w4a8": ("W4A8", "content", "w4", "cnc,bc", 8, "content", None),
+    "mean_w4a8": ("W4A8", "mean", "w4", "cnc,bc", 8, "mean", None),
+    "contentvsc_w4a8": ("W4A8", "content + VSC", "w4", "all", 8, "content", None),
     "ptqd_mixed": ("A4/A8", "PTQD mixed (snr-unscaled)", "w4", "all", "mixed", None, None),
-    "qdiff_budget": ("A4/A8", "Q-Diffusion, budget 1.5", "w4", "none", "mixed", None, 1.5),
     "content_budget": ("A4/A8", "content, budget 1.5", "w4", "cnc,bc", "mixed", "content", 1.5),
-    "content_budget1.2": ("A4/A8", "content, budget 1.2", "w4", "cnc,bc", "mixed", "content", 1.2),
     "content_budget3": ("A4/A8", "content, budget 3", "w4", "cnc,bc", "mixed", "content", 3.0),
+    "qdiff_budget": ("A4/A8", "Q-Diffusion, budget 1.5", "w4", "none", "mixed", None, 1.5),
+    "qdiff_w4a4_fwd": ("W4A4 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 4, None, None),
+    "content_w4a4_fwd": ("W4A4 fwd", "content, forward block order", "w4fwd", "cnc,bc", 4, "content", None),
+    "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
+    "ptqd_w8a8": ("W8A8", "PTQD", "w8", "all", 8, None, None),
+    "content_w8a8": ("W8A8", "content", "w8", "cnc,bc", 8, "content", None),
+    "mean_w8a8": ("W8A8", "mean", "w8", "cnc,bc", 8, "mean", None),
 }
 DEFAULT_ROWS = ",".join(ROWS)
 # paired PSNR differences reported: (a, b) on the same images
@@ -82,6 +84,7 @@ COMPARISONS = [
     ("ptqd_w4a4", "qdiff_w4a4"), ("mean_w4a4", "qdiff_w4a4"), ("content_w4a4", "qdiff_w4a4"), ("pixel_w4a4", "qdiff_w4a4"),
     ("content_w4a4", "ptqd_w4a4"), ("content_w4a4", "cnc_w4a4"), ("contentvsc_w4a4", "content_w4a4"),
     ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"),
+    ("qdiff_w4a4_fwd", "qdiff_w4a4"), ("content_w4a4_fwd", "content_w4a4"),
 ]
 
 
@@ -98,19 +101,25 @@ def sampler_for(args, seed: int) -> SamplerConfig:
     return SamplerConfig("ddim", steps, eta, guidance, seed, args.batch_size)
 
 
-def calib_options() -> CalibrationOptions:
-    """Lighter than the library default so the benchmark fits a CPU session (as the demo)."""
+def calib_options(args) -> CalibrationOptions:
+    """The library default (``--calibration full``), or lighter, as the demo, so a CPU session fits (``light``)."""
+    if args.calibration == "full":
+        return CalibrationOptions()
     return CalibrationOptions(recon_samples=512, weight_iters=100, act_iters=50)
 
 
 def get_run(args, fp, name: str):
+    """``w4``: W4 for A8 and A4 (registration block order, as the library did before forward order);
+    ``w4fwd``: the same with blocks reconstructed in forward order; ``w8``: W8A8."""
     d = args.out / "runs" / name
     if (d / "quant_state.safetensors").is_file():
         return load_run(d, model=fp)
-    qc = QuantConfig(weight_bits=4, act_bits=8, extra_act_bits=[4]) if name == "w4" else QuantConfig(weight_bits=8, act_bits=8)
+    qc = QuantConfig(weight_bits=8, act_bits=8) if name == "w8" else QuantConfig(weight_bits=4, act_bits=8, extra_act_bits=[4])
+    opts = calib_options(args)
+    opts = dataclasses.replace(opts, block_order="forward" if name == "w4fwd" else "registration")
     t0 = time.perf_counter()
-    run = quantize(fp, qc, "ptqd", calib_options(), sampler=sampler_for(args, 0), out=d, progress=False,
-                   noise_samples=args.noise_samples, mixed_precision=[4, 8] if name == "w4" else None)
+    run = quantize(fp, qc, "ptqd", opts, sampler=sampler_for(args, 0), out=d, progress=False,
+                   noise_samples=args.noise_samples, mixed_precision=None if name == "w8" else [4, 8])
     print(f"{name}: quantized in {time.perf_counter() - t0:.0f} s", flush=True)
     return run
 
@@ -122,9 +131,9 @@ def sample_path(args, key: str, seed: int) -> Path:
 def sample_all(args) -> None:
     fp = load(args.model)
     runs: dict[str, object] = {}
-    for seed in args.seeds:
-        sampler = sampler_for(args, seed)
-        for key in ["fp32"] + rows_of(args):
+    for key in ["fp32"] + rows_of(args):  # a row for every seed before the next row
+        for seed in args.seeds:
+            sampler = sampler_for(args, seed)
             path = sample_path(args, key, seed)
             if path.is_file() and len(load_samples(path).images) >= args.num:
                 continue
@@ -136,7 +145,8 @@ def sample_all(args) -> None:
                 if run_name not in runs:
                     runs[run_name] = get_run(args, fp, run_name)
                 run = runs[run_name]
-                ensure_stats(run, sampler, "all", "mixed" if run_name == "w4" else None, progress=False)
+                if correct != "none" or bits == "mixed":
+                    ensure_stats(run, dataclasses.replace(sampler, seed=0), "all", "mixed" if run_name != "w8" else None, progress=False)
                 plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=budget)
                 s = sample(plan.model, args.num, sampler, progress=False, denoise=plan.denoise, corrector=plan.corrector)
                 s.config.update(plan.record)
@@ -323,7 +333,8 @@ def plot_budget(args, results) -> None:
 
 
 def _argline(args) -> str:
-    return f"--model {args.model} --protocol {args.protocol} --num {args.num} --seeds {','.join(map(str, args.seeds))} --rows {args.rows}"
+    return (f"--model {args.model} --protocol {args.protocol} --num {args.num} --seeds {','.join(map(str, args.seeds))} "
+            f"--calibration {args.calibration} --rows {args.rows}")
 
 
 def main() -> None:
@@ -337,6 +348,8 @@ def main() -> None:
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--noise-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--calibration", choices=["full", "light"], default="full",
+                   help="full: the library's default calibration; light: 512 inputs, 100/50 iterations (as the demo)")
     args = p.parse_args()
     args.out = args.out or Path("benchmarks/results/correction_models") / args.model
     if args.phase == "sample":

@@ -405,4 +405,6 @@ def test_ptqd_end_to_end_cli(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     report = (run / "report" / "report.md").read_text()
     assert "criterion snr-unscaled" in report and "| A4 |" in report
-    assert len(list((run / "report").glob("*.png"))) == 4
+    pngs = sorted(p.name for p in (run / "report").glob("*.png"))
+    assert len(pngs) == 7 and "noise_stats_ddim6_eta1_g3_budget.png" in pngs and "noise_stats_ddim6_eta0_g3_r2.png" in pngs
+    assert "Share of the quantization error each correction model removes" in report and "budgeted mixed precision" in report

@@ -131,6 +131,91 @@ def plot_budget_curve(
     return path
 
 
+def plot_r2(stats: NoiseStats, out: Path, prefix: str) -> Path | None:
+    """Per step, the share of the quantization error each correction model removes (R²), on held-out
+    trajectories (solid) and in-sample (dashed), a panel per bit-width, beside k_t and r_t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held, fit_ = stats.r2("heldout"), stats.r2("fit")
+    if not fit_:
+        return None
+    t = np.asarray(stats.timesteps)
+    fig, axes = plt.subplots(2, len(stats.bits), figsize=(6 * len(stats.bits), 7), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for i, b in enumerate(stats.bits):
+        ax = axes[0, i]
+        for j, model in enumerate(sorted(fit_)):
+            color = f"C{j}"
+            if model in held:
+                ax.plot(t, held[model][i], color=color, label=f"{model} (held out)")
+            ax.plot(t, fit_[model][i], "--", color=color, alpha=0.6, label=f"{model} (in-sample)" if model not in held else None)
+        ax.axhline(0, color="k", lw=0.8)
+        lo = min(-0.2, float(np.nanmin([v[i].min() for v in (held or fit_).values()])))
+        ax.set_ylim(max(lo, -1.5), 1.02)
+        ax.set_title(f"A{b}: share of E|ε̂ − ε|² removed (R²)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        a2 = axes[1, i]
+        a2.plot(t, stats.k[i], label="k_t")
+        a2.plot(t, stats.r[i], label="r_t")
+        a2.set_xlabel("timestep t")
+        a2.invert_xaxis()
+        a2.grid(alpha=0.3)
+        a2.legend(fontsize=7)
+    fig.suptitle(_title(stats) + (f", held out N={stats.heldout.num_samples}" if stats.heldout is not None else ""))
+    path = out / f"{prefix}_r2.png"
+    _save(fig, path)
+    return path
+
+
+def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, prefix: str) -> tuple[list[str], Path | None]:
+    """The predicted cost/error curve of the budgeted criterion for the run's default correction, with
+    the measured MSE to FP of the run's evaluated samples of this sampler (relative to its all-high run)."""
+    from ptqd.compare import find_samples
+    from ptqd.correction.apply import budget_plan
+    from ptqd.correction.corrector import parse_parts
+    from ptqd.metrics.fidelity import metrics_path
+    from ptqd.sampling import load_samples
+
+    parts = parse_parts("all" if run.config.get("method") == "ptqd" else "none")
+    try:
+        plan = budget_plan(run, stats, sampler, parts, 1.5)
+    except PtqdError as e:
+        return [f"budgeted mixed precision: {e}", ""], None
+    cfg = 2 if stats.meta.get("guidance") not in (None, 1.0) else 1
+    measured, base = [], None
+    for f in find_samples(run_dir):
+        mfile = metrics_path(f)
+        if not mfile.is_file():
+            continue
+        c = load_samples(f).config
+        if (c.get("steps"), c.get("scheduler")) != (sampler.steps, sampler.scheduler) or tuple(c.get("correction") or ()) != parts:
+            continue
+        import json
+
+        mse = (json.loads(mfile.read_text()).get("metrics") or {}).get("mse")
+        if mse is None or not c.get("sampling_bops"):
+            continue
+        measured.append({"gbops": c["sampling_bops"] / cfg / 1e9, "mse": mse, "label": f.stem, "high": c.get("act_bits") == max(stats.bits)})
+        if measured[-1]["high"]:
+            base = mse
+    points = [{**m, "relative_mse": m["mse"] / base} for m in measured] if base else []
+    png = plot_budget_curve(plan["curve"], points, out / f"{prefix}_budget.png", tolerance=1.5,
+                            title=f"{_title(stats)}: predicted MSE to FP against GBOPs (correction {','.join(parts) or 'none'})")
+    c = plan["chosen"]
+    lines = [
+        f"budgeted mixed precision (`--fidelity-budget 1.5`, correction {','.join(parts) or 'none'}): "
+        f"{describe_schedule(plan['schedule'])}; predicted MSE to FP {c['relative']:.2f}× the all-A{max(stats.bits)} run's at "
+        f"{c['bops'] * cfg / 1e9:.1f} GBOPs per image ({c['low_steps']} low-bit steps)"
+        + ("" if points else "; sample and `ptqd evaluate --against FP` the run at A8 and at other budgets to add measured points"),
+        "",
+    ]
+    return lines, png
+
+
 def _title(stats: NoiseStats) -> str:
     m = stats.meta
     g = f" g {m['guidance']:g}" if m.get("guidance") else ""
@@ -174,10 +259,26 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         schedule = schedules.get(DEFAULT_CRITERION)
         pngs = plot_stats(stats, out, prefix)
         pngs.append(plot_snr(table, schedule, out, prefix, _title(stats)))
+        r2_png = plot_r2(stats, out, prefix)
         lines += [f"## {_title(stats)}", "", f"file `{f.name}`, seed {m.get('seed')}, k clamped at 0: {m.get('clamp_k')}, μ of: {m.get('mean_of')}", ""]
         for c, sch in schedules.items():
             mark = " (default, plotted)" if c == DEFAULT_CRITERION else ""
             lines += [f"mixed-precision schedule, criterion {c}{mark}: {describe_schedule(sch)}", ""]
+        if len(stats.bits) > 1:
+            budget_lines, budget_png = _budget_section(run, stats, sampler, run_dir, out, prefix)
+            lines += budget_lines
+            pngs += [budget_png] if budget_png else []
+        if r2_png is not None:
+            pngs.append(r2_png)
+            which = "heldout" if stats.r2("heldout") else "fit"
+            lines += [f"Share of the quantization error each correction model removes (R², mean over steps; "
+                      f"{'held-out trajectories, seed ' + str(m.get('heldout_seed')) if which == 'heldout' else 'in-sample'}):", "",
+                      "| bits | " + " | ".join(stats.r2(which)) + " |", "|---|" + "---|" * len(stats.r2(which))]
+            for i, b in enumerate(stats.bits):
+                lines.append(f"| A{b} | " + " | ".join(f"{v[i].mean():+.3f}" for v in stats.r2(which).values()) + " |")
+            lines.append("")
+        else:
+            lines += ["These statistics predate the correction models (no joint moments): `ptqd stats RUN` collects them again.", ""]
         lines += ["| bits | t | k | k fit | r | σ^q | rel. error | μ |", "|---|---|---|---|---|---|---|---|"]
         for b in stats.bits:
             rows = stats.table(b)
