@@ -64,7 +64,16 @@ def test_content_model_recovers_a_content_dependent_error_and_ptqd_cannot():
     moments = collect_moments(model, _twin(model), [8], 64, sampler, seed=1, progress=False)
     held = collect_moments(model, _twin(model, seed=9), [8], 32, sampler, seed=2, progress=False)
     stats = fit(moments, heldout=held)
-    assert stats.models() == ["ptqd", "mean", "content", "content-pixel"]
+    assert stats.models() == ["ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel"]
+    # debias inverts the fitted error model: ε_corr = (ε̂ − m·x_t − μ)/(1 + k), unbiased given ε
+    Wd = stats.maps["debias"][0][0]
+    for s in range(len(stats.timesteps)):
+        np.testing.assert_allclose(Wd[s, :2], np.eye(2) / (1 + K), atol=0.02)
+        np.testing.assert_allclose(Wd[s, 2:4], -M * np.eye(2) / (1 + K), atol=0.02)
+        np.testing.assert_allclose(Wd[s, 4], -MU.numpy() / (1 + K), atol=0.01)
+        # its residual is the quantization noise left after the inversion, σ/(1+k), larger than the conditional mean's
+        assert stats.mse["heldout"]["debias"][0, s] == pytest.approx((SIGMA / (1 + K)) ** 2, rel=0.1)
+        assert stats.mse["heldout"]["debias"][0, s] >= stats.mse["heldout"]["content"][0, s]
     J = moments.joint["J"]
     for s in range(len(stats.timesteps)):
         err = cm.forward_fit(J[0, s], 2)  # what the content moments say the quantized network does
@@ -171,8 +180,9 @@ def _mc_stats(t, kind):
     return fit(moments), x, eps, q
 
 
-@pytest.mark.parametrize("kind,eta", [("ddim", 1.0), ("ddpm", None)])
-def test_content_corrected_step_matches_fp_mean_and_variance(kind, eta):
+@pytest.mark.parametrize("kind,eta,model", [("ddim", 1.0, "content"), ("ddpm", None, "content"), ("ddim", 1.0, "debias"),
+                                            ("ddpm", None, "debias")])
+def test_fitted_corrected_step_matches_fp_mean_and_variance(kind, eta, model):
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
     sched = cls.from_config(dict(SCHEDULER_CONFIG))
     sched.set_timesteps(50)
@@ -192,15 +202,18 @@ def test_content_corrected_step_matches_fp_mean_and_variance(kind, eta):
         a = math.sqrt(q_["alpha_bar_prev"] / q_["alpha_bar"])
     else:
         a = q_["coef_x0"] / math.sqrt(q_["alpha_bar"]) + q_["coef_xt"]
-    c = Corrector(stats, ("content", "vsc"))
+    c = Corrector(stats, (model, "vsc"))
     # common random numbers (one noise seed for every run): the MC error of the differences is far below that of each run
-    fp, cor, raw, no_vsc = (run(e, corr, 1) - a * x for e, corr in ((eps, None), (q, c), (q, None), (q, Corrector(stats, ("content",)))))
+    fp, cor, raw, no_vsc = (run(e, corr, 1) - a * x for e, corr in ((eps, None), (q, c), (q, None), (q, Corrector(stats, (model,)))))
     se = math.sqrt(fp.var().item() / N_MC)
     assert abs(cor.mean().item() - fp.mean().item()) < 5 * se
     assert cor.var().item() == pytest.approx(fp.var().item(), rel=0.004)
-    # the regression estimate alone has too little variance (it is a conditional mean); VSC grows the noise
-    assert c.log[-1]["sigma_vsc"] > q_["sigma"]
-    assert no_vsc.var().item() < fp.var().item() * (1 - 0.012)
+    if model == "content":  # a conditional mean has too little variance: VSC grows the noise
+        assert c.log[-1]["sigma_vsc"] > q_["sigma"]
+        assert no_vsc.var().item() < fp.var().item() * (1 - 0.012)
+    else:  # the unbiased inversion keeps the quantization noise: VSC shrinks the sampler's
+        assert c.log[-1]["sigma_vsc"] < q_["sigma"]
+        assert no_vsc.var().item() > fp.var().item() * (1 + 0.012)
     # uncorrected, the quantized step is measurably off: the test can fail
     assert abs(raw.mean().item() - fp.mean().item()) > 20 * se
 
@@ -292,6 +305,17 @@ def test_correction_model_end_to_end_cli(tmp_path, capsys):
     assert main(["sample", str(run), "--num", "2", "--steps", "5", "--fidelity-budget", "0.5", "--out", str(tmp_path / "b.npz"),
                  "--no-progress"]) == 2
     assert "fidelity budget is a factor ≥ 1" in capsys.readouterr().err
+    # bad statistics options are refused before any trajectory runs, and the statistics file is untouched
+    before = (run / "noise_stats_ddim5_eta1_g3.safetensors").read_bytes()
+    for opts, msg in ((["--heldout-samples", "1"], "--heldout-samples must be 0"), (["--ridge", "-1"], "--ridge must be")):
+        assert main(["stats", str(run), "--steps", "5", "--noise-samples", "8", "--no-progress", *opts]) == 2
+        assert msg in capsys.readouterr().err
+    assert (run / "noise_stats_ddim5_eta1_g3.safetensors").read_bytes() == before
+    # another ridge refits the stored moments without a new collection
+    assert main(["stats", str(run), "--steps", "5", "--noise-samples", "8", "--ridge", "0.01", "--no-progress"]) == 0
+    refit = load_stats(run / "noise_stats_ddim5_eta1_g3.safetensors")
+    assert refit.meta["ridge"] == 0.01 and not np.allclose(refit.maps["content"][0], stats.maps["content"][0])
+    np.testing.assert_array_equal(refit.moments.joint["J"], stats.moments.joint["J"])
     # a regression model needs a run: refused for an FP model
     capsys.readouterr()
     assert main(["sample", "--model", "digits16-cond", "--num", "2", "--steps", "3", "--correction-model", "content",

@@ -649,7 +649,7 @@ def _print_stats(run, stats) -> None:
 
     rows = []
     r2 = stats.r2("heldout") or stats.r2("fit")
-    shown = [k for k in ("ptqd:cnc,bc", "mean", "content", "content-pixel") if k in r2]
+    shown = [k for k in ("ptqd:cnc,bc", "mean", "content", "content-pixel", "debias", "debias-pixel") if k in r2]
     for b in stats.bits:
         for i, row in list(enumerate(stats.table(b)))[:: max(1, len(stats.timesteps) // 10)]:
             rows.append({"name": f"A{b} t={row['t']}", **{k: row[k] for k in ("k", "r", "sigma", "rel_err")},

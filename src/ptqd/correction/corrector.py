@@ -16,12 +16,13 @@ schedule calibration (VSC), over diffusers' DDPM and DDIM schedulers.
     from the scheduler's alphas and its x̂_0 (clipped as the scheduler clips it), and the noise is
     rescaled to σ'_t·z. c_t = β_t / (√α_t·√(1−ᾱ_t)) with the step's effective α_t = ᾱ_t/ᾱ_{t−1}.
 
-Regression correction models (``mean``, ``content``, ``content-pixel``; :mod:`ptqd.correction.models`)
-replace CNC/BC by their map ε_corr = Wᵀ[ε̂, x_t, 1] (+ pixel bias). Their estimate is a conditional
+Fitted correction models (:mod:`ptqd.correction.models`) replace CNC/BC by their map
+ε_corr = Wᵀ[ε̂, x_t, 1] (+ pixel bias). ``mean``, ``content``, ``content-pixel`` estimate a conditional
 mean, whose error r (mean square s_t², the model's own residual) is uncorrelated with it, so the FP
-step's variance is matched by *growing* the sampler noise: σ'_t² = σ_t² + c_t²·s_t² (VSC for these
-models). DDIM takes σ'_t on the noise only (the direction term keeps σ_t, so the variance matches
-exactly), DDPM rescales its noise draw; eta = 0 stays a no-op.
+step's variance is matched by *growing* the sampler noise: σ'_t² = σ_t² + c_t²·s_t². ``debias`` and
+``debias-pixel`` are unbiased given ε (ε_corr = ε + noise, as PTQD's), so VSC shrinks it:
+σ'_t² = max(σ_t² − c_t²·s_t², 0). DDIM takes σ'_t on the noise only (the direction term keeps σ_t, so
+the variance matches exactly), DDPM rescales its noise draw; eta = 0 stays a no-op.
 
 Both keep the random numbers drawn identical to uncorrected sampling, so runs with and without a
 correction differ only by the correction: when VSC shrinks a DDIM step's noise to zero (diffusers then
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ptqd.correction.models import MAPS, MODELS, apply_map
+from ptqd.correction.models import CONDITIONAL_MEANS, MAPS, MODELS, apply_map
 from ptqd.correction.stats import NoiseStats
 from ptqd.errors import PtqdError
 
@@ -192,7 +193,7 @@ class Corrector:
             if "vsc" not in self.parts or eta == 0:
                 return scheduler.step(eps, t, x, eta=eta, generator=generators).prev_sample
             q = ddim_quantities(scheduler, t, eta)
-            if self.model != "ptqd":  # grow the noise only: the direction term keeps σ_t (see module docstring)
+            if self.model != "ptqd":  # change the noise only: the direction term keeps σ_t (see module docstring)
                 from diffusers.utils.torch_utils import randn_tensor
 
                 new_sigma = self._vsc_sigma(q, t)
@@ -221,9 +222,9 @@ class Corrector:
         raise PtqdError(f"PTQD correction supports DDIM and DDPM schedulers, not {kind}")
 
     def _vsc_variance(self, q: dict[str, float], t) -> float:
-        """σ'_t²: shrunk by c_t²·res² for PTQD, grown by it for the regression models."""
+        """σ'_t²: grown by c_t²·res² for the conditional-mean models, shrunk by it for PTQD and debias."""
         res = self.residual_std(t)
-        sign = -1.0 if self.model == "ptqd" else 1.0
+        sign = 1.0 if self.model in CONDITIONAL_MEANS else -1.0
         return q["sigma"] ** 2 + sign * q["c"] ** 2 * res**2
 
     def _vsc_sigma(self, q: dict[str, float], t) -> float:

@@ -20,12 +20,18 @@ A correction model maps what the sampler sees to an estimate of the FP predictio
   affine map per step (2C²+C numbers), ridge-regularised.
 * ``content-pixel``: ``content`` plus a per-pixel bias map per step (fitted jointly: the slopes come
   from moments centred per pixel, the map is the per-pixel mean of what the slopes leave).
+* ``debias``: the error model the other way round, ε̂ ≈ A ε + M x_t + μ (+ noise), fitted the same way and
+  inverted: ε_corr = A⁻¹(ε̂ − M x_t − μ). This is PTQD's CNC+BC generalised to a channel-mixing A and a
+  content term M x_t: unbiased given the FP prediction (E[ε_corr | ε, x_t] = ε), where the conditional
+  means above shrink towards the average ε (they minimise each step's error, but the part of it they
+  leave, (1 − a)·ε, follows the signal and adds up over the steps of a trajectory).
+* ``debias-pixel``: ``debias`` with a per-pixel bias map in the error model.
 
 The ridge penalty is ``ridge`` times the mean variance of the non-constant features, on those
 features only (the intercept is not shrunk). ``ridge=0`` is ordinary least squares.
 
-Residual variance: ``ptqd``'s estimate ε_corr = ε + noise (the quantization noise left after the
-division) makes VSC *shrink* the sampler's noise; the regression models estimate E[ε | features],
+Residual variance: ``ptqd``'s and ``debias``' estimate ε_corr = ε + noise (the quantization noise left after
+the inversion) makes VSC *shrink* the sampler's noise; the regression models estimate E[ε | features],
 whose error r = ε − ε_corr is uncorrelated with ε_corr, so matching the FP step's variance needs the
 sampler noise *grown* by c_t²·E[r²] (see :mod:`ptqd.correction.corrector`).
 """
@@ -37,8 +43,11 @@ import torch
 
 from ptqd.errors import PtqdError
 
-MODELS = ("ptqd", "mean", "content", "content-pixel")
-MAPS = ("mean", "content", "content-pixel")  # the regression models (ptqd is CNC/BC)
+MODELS = ("ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel")
+MAPS = ("mean", "content", "content-pixel", "debias", "debias-pixel")  # the fitted maps (ptqd is CNC/BC)
+CONDITIONAL_MEANS = ("mean", "content", "content-pixel")  # E[ε | features]: VSC grows the noise
+UNBIASED = ("debias", "debias-pixel")  # E[ε_corr | ε] = ε, as PTQD's CNC: VSC shrinks the noise
+MIN_GAIN = 0.05  # smallest singular value of the fitted A that debias inverts; below it A is taken as I
 
 
 def batch_moments(eps: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +106,34 @@ def fit_map(J: np.ndarray, P: np.ndarray, n_samples: int, channels: int, model: 
         W[: 2 * c] = A
         bias = (Pe - A.T @ Pf) / n  # (C, HW)
         return W, bias
+    if model in UNBIASED:
+        return _debias_map(J, P, n_samples, c, ridge, pixel=model == "debias-pixel")
     raise PtqdError(f"unknown correction model {model!r}: use one of {', '.join(MODELS)}")
+
+
+def _debias_map(J, P, n_samples, c, ridge, pixel: bool):
+    """Fit ε̂ ≈ A ε + M x_t + μ (or + b(pixel)) and invert it into W over [ε̂, x_t, 1] (+ pixel bias)."""
+    ix = _idx(c)
+    ex = np.concatenate([ix["e"], ix["x"]])
+    if pixel:
+        n = float(n_samples)
+        Pf, Pq = P[ex], P[ix["q"]]
+        B = _solve(J[np.ix_(ex, ex)] - Pf @ Pf.T / n, J[np.ix_(ex, ix["q"])] - Pf @ Pq.T / n, ridge, const=None)
+        mu = np.zeros(c)
+        bias_q = (Pq - B.T @ Pf) / n  # (C, HW)
+    else:
+        f = np.concatenate([ex, ix["one"]])
+        B = _solve(J[np.ix_(f, f)], J[np.ix_(f, ix["q"])], ridge, const=len(f) - 1)
+        mu, bias_q = B[2 * c], None
+    A, M = B[:c].T, B[c : 2 * c].T  # ε̂ = A ε + M x + μ
+    if not np.all(np.isfinite(A)) or np.linalg.svd(A, compute_uv=False).min() < MIN_GAIN:
+        A = np.eye(c)  # the quantized output barely follows ε here: do not amplify its noise
+    Ainv = np.linalg.inv(A)
+    W = np.zeros((2 * c + 1, c))
+    W[:c] = Ainv.T
+    W[c : 2 * c] = -M.T @ Ainv.T
+    W[2 * c] = -mu @ Ainv.T
+    return W, (None if bias_q is None else -Ainv @ bias_q)
 
 
 def ptqd_map(k: float, mu: np.ndarray, parts, channels: int) -> np.ndarray:
