@@ -155,3 +155,18 @@ def test_readme_python_quickstart_runs(tmp_path, monkeypatch):
     exec(compile(code, "README quickstart", "exec"), scope)
     assert isinstance(scope["qpipe"], ClassConditionalPipeline) and isinstance(scope["qpipe"].unet, QuantizedDenoiser)
     assert len(scope["images"]) == 3 and (tmp_path / "digits-w4a8.ptqd").is_dir()
+
+
+def test_latent_zoo_model_quantizes_to_a_decoding_pipeline_that_saves_and_loads(tmp_path):
+    """digits-ldm: ptqd.quantize gives a ClassConditionalPipeline whose FP vae decodes the quantized
+    UNet's latents; ptqd.save / ptqd.load rebuild it with the same images."""
+    sampler = SamplerConfig("ddim", 4, 1.0, 3.0, batch_size=4)
+    qpipe = ptqd.quantize("digits-ldm", ptqd.W4A8, method="ptqd", preset="quick", sampler=sampler, out=tmp_path / "run", progress=False)
+    assert isinstance(qpipe, ClassConditionalPipeline) and isinstance(qpipe.unet, QuantizedDenoiser)
+    assert type(qpipe.vae).__name__ == "AutoencoderKL" and isinstance(qpipe.scheduler, PTQDScheduler)
+    kw = dict(class_labels=[0, 1, 2, 3], guidance_scale=3.0, num_inference_steps=4, eta=1.0, output_type="np")
+    images = to_uint8_images(qpipe(generator=sample_generators(0, range(4)), **kw).images)
+    assert images.shape == (4, 16, 16, 1)
+    back = ptqd.load(ptqd.save(qpipe, tmp_path / "ck"), backend="fake")
+    assert type(back.vae).__name__ == "AutoencoderKL"
+    assert np.array_equal(to_uint8_images(back(generator=sample_generators(0, range(4)), **kw).images), images)

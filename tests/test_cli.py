@@ -65,3 +65,20 @@ def test_fp_sampling_defaults_to_the_guidance_runs_use(tmp_path):
     out = tmp_path / "fp.npz"
     assert main(["sample", "--model", "digits16-cond", "--num", "4", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["guidance"] == defaults.GUIDANCE
+
+
+def test_latent_zoo_model_quantizes_and_samples_from_the_cli(tmp_path):
+    """digits-ldm through `ptqd quantize` (smallest calibration) and `ptqd sample`: decoded 16x16 digits."""
+    from ptqd.sampling import load_samples
+
+    run = tmp_path / "run"
+    assert main(["quantize", "--model", "digits-ldm", "--method", "ptqd", "--weight-bits", "4", "--calib-samples", "2",
+                 "--calib-steps", "2", "--steps", "2", "--noise-samples", "2", "--weight-iters", "0", "--act-iters", "0",
+                 "--recon-samples", "4", "--out", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["model"] == "digits-ldm"
+    out = tmp_path / "q.npz"
+    assert main(["sample", str(run), "--num", "4", "--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    assert load_samples(out).images.shape == (4, 16, 16, 1)
+    fp = tmp_path / "fp.npz"
+    assert main(["sample", "--model", "digits-ldm", "--num", "4", "--steps", "2", "--out", str(fp), "--no-progress"]) == 0
+    assert load_samples(fp).images.shape == (4, 16, 16, 1)

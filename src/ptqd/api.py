@@ -64,7 +64,8 @@ def get_preset(name: str) -> Preset:
 
 def load_pipeline(name_or_path: str | Path, scheduler: str = "ddim"):
     """A diffusers pipeline for a bundled model (``digits16-cond``: :class:`ClassConditionalPipeline`,
-    ``digits16``: ``DDIMPipeline``) or a model directory ptqd can load."""
+    ``digits-ldm``: the same with its autoencoder as ``vae``, ``digits16``: ``DDIMPipeline``) or a model
+    directory ptqd can load."""
     return pipeline_for(load_model(name_or_path), scheduler)
 
 
@@ -74,13 +75,13 @@ def pipeline_for(model: DiffusionModel, scheduler: str = "ddim", denoiser: torch
 
     if type(model.unet).__name__ != "UNet2DModel" and not isinstance(model.unet, QuantizedDenoiser):
         raise PtqdError(f"ptqd builds pipelines for UNet2DModel denoisers; {model.name} has a {type(model.unet).__name__}")
-    if model.latent:
-        raise PtqdError(f"{model.name} is a latent model: load its own diffusers pipeline (e.g. LDMPipeline) and pass that")
+    if model.latent and not model.conditional:
+        raise PtqdError(f"{model.name} is an unconditional latent model: load its own diffusers pipeline (e.g. LDMPipeline) and pass that")
     sched_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[scheduler]
     sched = sched_cls.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
     net = denoiser if denoiser is not None else model.unet
     if model.conditional:
-        pipe = ClassConditionalPipeline(unet=net, scheduler=sched)
+        pipe = ClassConditionalPipeline(unet=net, scheduler=sched, vae=model.decoder.vae if model.latent else None)
     else:
         pipe = (DDIMPipeline if scheduler == "ddim" else DDPMPipeline)(unet=net, scheduler=sched)
     pipe.ptqd_model = model

@@ -152,14 +152,14 @@ DECODER_KEYS = ("vqvae", "vae")
 
 
 def load(name_or_path: str | Path, prompts: list[str] | None = None, cache_dir: str | Path | None = None) -> DiffusionModel:
-    """Load a bundled model by name (``digits16-cond``, ``digits16``), a diffusers pipeline directory,
+    """Load a bundled model by name (``digits16-cond``, ``digits16``, ``digits-ldm``), a diffusers pipeline directory,
     or a hub repo id that is already in the local hub cache (``cache_dir``, default the hub's). Nothing
     is downloaded.
 
     Pipeline directories are what ``save_pretrained`` writes: DDPM/DDIM (UNet2DModel), LDM (UNet2DModel
     + VQModel or AutoencoderKL), DiT (DiT transformer + AutoencoderKL), Stable Diffusion
     (UNet2DConditionModel + CLIP text encoder; needs ``prompts``). A directory without
-    ``model_index.json`` holding ``unet/`` and ``scheduler/`` (the zoo layout) works too; an optional
+    ``model_index.json`` holding ``unet/`` and ``scheduler/`` (the zoo layout; plus ``vae/`` for a latent model) works too; an optional
     ``ptqd_model.json`` sets ``num_classes``/``null_class``, and ``ptqd_context.safetensors`` (key
     ``context``, (E, L, D)) gives a UNet2DConditionModel a fixed table of contexts, one per class id.
     """
@@ -210,7 +210,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _components(path: Path) -> dict[str, tuple[str, str]]:
-    """component name → (library, class) from model_index.json, or the zoo layout (unet/ + scheduler/)."""
+    """component name → (library, class) from model_index.json, or the zoo layout (unet/ + scheduler/, and
+    vae/ for a latent model)."""
     index = path / "model_index.json"
     if index.is_file():
         items = _read_json(index)
@@ -223,7 +224,11 @@ def _components(path: Path) -> dict[str, tuple[str, str]]:
         raise PtqdError(
             f"model directory {path} has neither model_index.json nor unet/config.json; save the pipeline with save_pretrained"
         )
-    return {"unet": ("diffusers", _read_json(cfg).get("_class_name", "UNet2DModel")), "scheduler": ("diffusers", "DDPMScheduler")}
+    comps = {"unet": ("diffusers", _read_json(cfg).get("_class_name", "UNet2DModel")), "scheduler": ("diffusers", "DDPMScheduler")}
+    vae_cfg = path / "vae" / "config.json"
+    if vae_cfg.is_file():  # a latent zoo model (digits-ldm): its autoencoder
+        comps["vae"] = ("diffusers", _read_json(vae_cfg).get("_class_name", "AutoencoderKL"))
+    return comps
 
 
 LIBRARIES = ("diffusers", "transformers")  # the only libraries a model_index.json may name

@@ -5,7 +5,9 @@
 diffusers pipeline, so a quantized denoiser and a correcting scheduler slot into it. Its guidance is
 computed exactly as ptqd's own sampler computes it (both branches in one batch, the null class last),
 and with the per-sample generators of :func:`ptqd.sampling.sample_generators` it draws the same
-noise as ``ptqd sample``.
+noise as ``ptqd sample``. For a latent model (``digits-ldm``) it holds the full-precision autoencoder
+as ``vae`` and decodes the final latents with it (``latents / vae.config.scaling_factor``), as
+``DiffusionModel.to_images`` does; the autoencoder is never quantized.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
     """``pipe(class_labels=[3, 7], guidance_scale=3.0, num_inference_steps=50, eta=1.0, generator=…)``.
 
     The UNet's class table holds the classes and, as its last row, the null class used for guidance.
+    ``vae`` (optional, an AutoencoderKL or VQModel): the UNet denoises latents and ``vae`` decodes them.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet, scheduler, vae=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +91,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if "eta" in _step_params(self.scheduler):
                 kwargs["eta"] = eta
             x = self.scheduler.step(eps, t, x, **kwargs).prev_sample
+        if getattr(self, "vae", None) is not None:  # latent model: the FP decoder makes the images
+            scale = getattr(self.vae.config, "scaling_factor", None) or 1.0
+            x = self.vae.decode(x.to(self.vae.dtype) / scale).sample.float()
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             out = images
