@@ -67,11 +67,20 @@ ROWS = {  # in the order they are sampled: the most telling first
     "ptqd_w4a8": ("W4A8", "PTQD", "w4", "all", 8, None, None),
     "content_w4a8": ("W4A8", "content", "w4", "cnc,bc", 8, "content", None),
     "mean_w4a8": ("W4A8", "mean", "w4", "cnc,bc", 8, "mean", None),
+    "debias_w4a8": ("W4A8", "debias", "w4", "cnc,bc", 8, "debias", None),
     "contentvsc_w4a8": ("W4A8", "content + VSC", "w4", "all", 8, "content", None),
     "ptqd_mixed": ("A4/A8", "PTQD mixed (snr-unscaled)", "w4", "all", "mixed", None, None),
     "content_budget": ("A4/A8", "content, budget 1.5", "w4", "cnc,bc", "mixed", "content", 1.5),
     "content_budget3": ("A4/A8", "content, budget 3", "w4", "cnc,bc", "mixed", "content", 3.0),
     "qdiff_budget": ("A4/A8", "Q-Diffusion, budget 1.5", "w4", "none", "mixed", None, 1.5),
+    "qptqd_w4a4": ("W4A4 q-driven", "PTQD, statistics on quantized trajectories", "w4q", "all", 4, None, None),
+    "qcnc_w4a4": ("W4A4 q-driven", "+CNC, statistics on quantized trajectories", "w4q", "cnc", 4, None, None),
+    "qmean_w4a4": ("W4A4 q-driven", "mean, statistics on quantized trajectories", "w4q", "cnc,bc", 4, "mean", None),
+    "qcontent_w4a4": ("W4A4 q-driven", "content, statistics on quantized trajectories", "w4q", "cnc,bc", 4, "content", None),
+    "qdebias_w4a4": ("W4A4 q-driven", "debias, statistics on quantized trajectories", "w4q", "cnc,bc", 4, "debias", None),
+    "qpixel_w4a4": ("W4A4 q-driven", "content-pixel, statistics on quantized trajectories", "w4q", "cnc,bc", 4, "content-pixel", None),
+    "qcontent_w4a8": ("W4A8 q-driven", "content, statistics on quantized trajectories", "w4q", "cnc,bc", 8, "content", None),
+    "qdebias_w4a8": ("W4A8 q-driven", "debias, statistics on quantized trajectories", "w4q", "cnc,bc", 8, "debias", None),
     "qdiff_w4a4_fwd": ("W4A4 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 4, None, None),
     "content_w4a4_fwd": ("W4A4 fwd", "content, forward block order", "w4fwd", "cnc,bc", 4, "content", None),
     "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
@@ -88,6 +97,9 @@ COMPARISONS = [
     ("content_w4a4", "ptqd_w4a4"), ("content_w4a4", "cnc_w4a4"), ("contentvsc_w4a4", "content_w4a4"),
     ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"),
     ("qdiff_w4a4_fwd", "qdiff_w4a4"), ("content_w4a4_fwd", "content_w4a4"),
+    ("qptqd_w4a4", "qdiff_w4a4"), ("qcnc_w4a4", "qdiff_w4a4"), ("qmean_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "qdiff_w4a4"),
+    ("qdebias_w4a4", "qdiff_w4a4"), ("qpixel_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "content_w4a4"),
+    ("qcontent_w4a8", "qdiff_w4a8"), ("qdebias_w4a8", "qdiff_w4a8"),
 ]
 
 
@@ -113,10 +125,27 @@ def calib_options(args) -> CalibrationOptions:
 
 def get_run(args, fp, name: str):
     """``w4``: W4 for A8 and A4 (registration block order, as the library did before forward order);
-    ``w4fwd``: the same with blocks reconstructed in forward order; ``w8``: W8A8."""
+    ``w4fwd``: the same with blocks reconstructed in forward order; ``w4q``: ``w4``'s quantizers with
+    statistics collected on the quantized network's own trajectories (``--drive quantized``); ``w8``: W8A8."""
     d = args.out / "runs" / name
+    if name == "w4q" and not (d / "quant_state.safetensors").is_file():
+        import shutil
+
+        src = get_run(args, fp, "w4").path
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("calibration.safetensors", "config.json", "quant_state.safetensors", "summary.json"):
+            shutil.copy2(Path(src) / f, d / f)
     if (d / "quant_state.safetensors").is_file():
-        return load_run(d, model=fp)
+        run = load_run(d, model=fp)
+        if name == "w4q":
+            from ptqd.correction import StatsRequest, collect_stats
+            from ptqd.correction.stats import stats_name
+
+            sampler = sampler_for(args, 0)
+            if not (d / stats_name(sampler, fp.conditional)).is_file():
+                collect_stats(run, StatsRequest(dataclasses.replace(sampler, seed=2000), args.noise_samples, seed=2000, drive="quantized"),
+                              out=d, progress=False)
+        return run
     qc = QuantConfig(weight_bits=8, act_bits=8) if name == "w8" else QuantConfig(weight_bits=4, act_bits=8, extra_act_bits=[4])
     opts = calib_options(args)
     opts = dataclasses.replace(opts, block_order="forward" if name == "w4fwd" else "registration")
@@ -148,7 +177,7 @@ def sample_all(args) -> None:
                 if run_name not in runs:
                     runs[run_name] = get_run(args, fp, run_name)
                 run = runs[run_name]
-                if correct != "none" or bits == "mixed":
+                if (correct != "none" or bits == "mixed") and run_name != "w4q":
                     ensure_stats(run, dataclasses.replace(sampler, seed=0), "all", "mixed" if run_name != "w8" else None, progress=False)
                 plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=budget)
                 s = sample(plan.model, args.num, sampler, progress=False, denoise=plan.denoise, corrector=plan.corrector)

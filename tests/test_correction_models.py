@@ -2,6 +2,7 @@
 moments: recovery of a known error model, equality with lstsq, merging, corrected steps by Monte Carlo,
 old statistics files, held-out scores and the command line."""
 
+import dataclasses
 import json
 import math
 
@@ -321,3 +322,35 @@ def test_correction_model_end_to_end_cli(tmp_path, capsys):
     assert main(["sample", "--model", "digits16-cond", "--num", "2", "--steps", "3", "--correction-model", "content",
                  "--out", str(tmp_path / "fp.npz"), "--no-progress"]) == 2
     assert "--correction-model" in capsys.readouterr().err
+
+
+def test_statistics_driven_by_the_quantized_network_follow_its_trajectories():
+    from ptqd.sampling import trajectories
+
+    model = _model()
+    sampler = SamplerConfig(steps=4, eta=1.0, batch_size=6)
+
+    def twin(bits, x, t, y, g):  # deterministic, bit-dependent
+        eps = model.denoise(x, t, y, g)
+        return (1.1 if bits == 4 else 1.02) * eps + 0.05 * torch.sin(37 * x)
+
+    fp_driven = collect_moments(model, twin, [4, 8], 6, sampler, seed=3, progress=False)
+    q_driven = collect_moments(model, twin, [4, 8], 6, sampler, seed=3, progress=False, drive="quantized")
+    c = model.channels
+    xs = slice(2 * c, 3 * c)
+    for j, b in enumerate((4, 8)):
+        seen = []  # x_t of the trajectories the quantized network drives at b, and the FP output there
+
+        def observe(step, seen=seen):
+            e = model.denoise(step.x, step.t, step.y, step.guidance)
+            seen.append(cm.batch_moments(e, step.eps, step.x)[0])
+
+        trajectories(model, range(6), dataclasses.replace(sampler, seed=3), None,
+                     denoise=lambda x, t, y, g, b=b: twin(b, x, t, y, g), callback=observe)
+        for s, J in enumerate(seen):
+            np.testing.assert_allclose(q_driven.joint["J"][j, s], J, rtol=1e-10, atol=1e-10)
+        # after the first step the quantized trajectories have left the FP ones
+        assert not np.allclose(q_driven.joint["J"][j, -1][xs, xs], fp_driven.joint["J"][j, -1][xs, xs])
+    np.testing.assert_allclose(q_driven.joint["J"][:, 0], fp_driven.joint["J"][:, 0], rtol=1e-10)  # same x_T
+    with pytest.raises(PtqdError, match="drive must be"):
+        collect_moments(model, twin, [4], 2, sampler, progress=False, drive="teacher")

@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"statistics' trajectories, at most {D.HELDOUT_SAMPLES}; 0: none)",
     )
     st.add_argument("--ridge", type=float, default=None, help=f"ridge penalty of the regression correction models (default {D.RIDGE:g})")
+    st.add_argument(
+        "--drive", choices=["fp", "quantized"], default="fp",
+        help="which network drives the statistics trajectories: fp (PTQD's Algorithm 1) or quantized (each bit-width its "
+        "own trajectories, the FP network evaluated on them: the error where the quantized sampler goes)",
+    )
     st.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     st.add_argument("--device", default="cpu")
     st.add_argument("--no-progress", action="store_true")
@@ -638,6 +643,7 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
         mean_of=args.mean_of,
         heldout_samples=args.heldout_samples,
         ridge=defaults.RIDGE if args.ridge is None else args.ridge,
+        drive=args.drive,
     )
     stats = collect_stats(run, request, out=args.run, progress=not args.no_progress)
     if ctx.main:

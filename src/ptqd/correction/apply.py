@@ -100,12 +100,12 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     held_partial = path.with_suffix(".heldout.parts") if path is not None else None
     try:
         moments = collect_moments(
-            fp, quantized, bits, request.num_samples, request.sampler, request.seed, progress, partial, meta
+            fp, quantized, bits, request.num_samples, request.sampler, request.seed, progress, partial, meta, drive=request.drive
         )
         heldout = None
         if n_held:  # trajectories of another seed: every correction model is scored on them
             heldout = collect_moments(
-                fp, quantized, bits, n_held, request.sampler, request.heldout_seed, progress, held_partial, meta
+                fp, quantized, bits, n_held, request.sampler, request.heldout_seed, progress, held_partial, meta, drive=request.drive
             )
     finally:
         if before is not None:

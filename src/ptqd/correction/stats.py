@@ -46,6 +46,7 @@ from ptqd.sampling import SamplerConfig, default_labels, make_scheduler, traject
 STATS_SEED = defaults.NOISE_SEED  # differs from calibration (1000) and evaluation seeds (0, 1, 2, …)
 MOMENTS = ("s_e", "s_d", "s_ee", "s_dd", "s_ed")  # per sample, over all elements
 MEAN_OF = ("error", "residual")
+DRIVES = ("fp", "quantized")  # which network drives the statistics trajectories
 # metadata that must agree between statistics and the sampling run that uses them
 JOINT = ("J", "P")  # summed over samples: (bits, steps, 3C+1, 3C+1) and (bits, steps, 3C, H·W)
 MATCH_KEYS = ("model_fingerprint", "quant_fingerprint", "weight_bits", "scheduler", "steps", "eta", "guidance")
@@ -345,6 +346,7 @@ def collect_moments(
     meta: dict | None = None,
     ctx=None,
     first: int = 0,
+    drive: str = "fp",
 ) -> NoiseMoments:
     """Drive ``num_samples`` FP trajectories (sample indices ``first`` … ``first + num_samples − 1``) with ``sampler`` and record, at every step, the moments of
     the error of ``quantized(bits, x, t, labels, guidance)`` (guided output) for each bit-width.
@@ -353,7 +355,13 @@ def collect_moments(
     batches are saved there and a rerun resumes after them (batches made with other ``meta`` are
     discarded). Under torchrun the batches are split across ranks; the per-sample moments are
     gathered in sample order, so every rank returns exactly what one process would.
+
+    ``drive="quantized"``: the quantized network at each bit-width drives its own trajectories (same
+    seeds) and the FP network is evaluated on them, so the statistics describe the error where the
+    quantized sampler actually goes; ``"fp"`` (PTQD's Algorithm 1) drives them with the FP network.
     """
+    if drive not in DRIVES:
+        raise PtqdError(f"drive must be one of {', '.join(DRIVES)}, got {drive!r}")
     from ptqd import distributed
     from ptqd.chunks import ChunkStore
 
@@ -381,7 +389,28 @@ def collect_moments(
             per_step.append(moments)
 
         run = dataclasses.replace(sampler, seed=seed)
-        trajectories(model, range(start, stop), run, labels[start:stop] if labels is not None else None, callback=observe, tick=tick)
+        y = labels[start:stop] if labels is not None else None
+        if drive == "fp":
+            trajectories(model, range(start, stop), run, y, callback=observe, tick=tick)
+        else:  # one trajectory set per bit-width, driven by the quantized network at that bit-width
+            for j, b in enumerate(bits):
+                rows: list[dict[str, np.ndarray]] = []
+
+                def observe_q(step, b=b, rows=rows) -> None:
+                    where = f"step {step.i + 1}/{sampler.steps} (t={int(step.t)}, samples {start}..{stop - 1})"
+                    check_finite(step.eps, f"noise statistics: the quantized network output (A{b}) at {where}")
+                    e = model.denoise(step.x, step.t, step.y, step.guidance)
+                    mom = sample_moments(e, step.eps - e)
+                    J, P = cm.batch_moments(e, step.eps, step.x)
+                    mom.update(J=J[None], P=P[None])
+                    rows.append(mom)
+
+                drive_fn = lambda x, t, yy, g, b=b: quantized(b, x, t, yy, g)  # noqa: E731
+                trajectories(model, range(start, stop), run, y, denoise=drive_fn, callback=observe_q, tick=tick)
+                for s_, mom in enumerate(rows):
+                    if j == 0:
+                        per_step.append([])
+                    per_step[s_].append(mom)
         return {
             name: np.stack([np.stack([per_step[s][b][name] for s in range(len(timesteps))]) for b in range(len(bits))])
             for name in per_step[0][0]
@@ -389,11 +418,12 @@ def collect_moments(
 
     store = None
     if partial is not None:
-        store = ChunkStore(partial, {**(meta or {}), "bits": list(bits), "seed": seed, "batch_size": sampler.batch_size})
+        store = ChunkStore(partial, {**(meta or {}), "bits": list(bits), "seed": seed, "batch_size": sampler.batch_size, "drive": drive})
     ranges = [(a + first, b + first) for a, b in distributed.chunk_ranges(num_samples, sampler.batch_size)]
     try:
         results = distributed.run_chunks(
-            ranges, compute, ctx, store=store, progress=progress, desc="noise statistics", units=len(timesteps),
+            ranges, compute, ctx, store=store, progress=progress, desc="noise statistics",
+            units=len(timesteps) * (len(bits) if drive == "quantized" else 1),
             restart_on_mismatch=True,
         )
     except PtqdError:
@@ -505,7 +535,7 @@ def _read_moments(arrays: dict[str, np.ndarray], prefix: str, meta: dict[str, An
 STATS_META_SCHEMA = {
     "model_fingerprint": "str", "quant_fingerprint": "str", "weight_bits": "int", "scheduler": "str", "steps": "int",
     "eta": "number|null", "guidance": "number|null", "num_samples?": "int", "seed?": "int", "elements?": "int", "channels?": "int",
-    "ridge?": "number", "heldout_samples?": "int", "heldout_seed?": "int",
+    "ridge?": "number", "heldout_samples?": "int", "heldout_seed?": "int", "drive?": "str",
 }
 
 
@@ -589,6 +619,7 @@ class StatsRequest:
     heldout_samples: int | None = None  # None: a quarter of num_samples, at most defaults.HELDOUT_SAMPLES; 0: none
     heldout_seed: int = defaults.HELDOUT_SEED
     ridge: float = defaults.RIDGE
+    drive: str = "fp"  # "quantized": the quantized network drives the trajectories (see collect_moments)
 
     def validate(self) -> None:
         """Refuse bad settings before any trajectory is run."""
@@ -596,6 +627,8 @@ class StatsRequest:
             raise PtqdError(f"--heldout-samples must be 0 (none) or at least 2, got {self.heldout_samples}")
         if not (self.ridge >= 0 and np.isfinite(self.ridge)):
             raise PtqdError(f"--ridge must be a finite number ≥ 0, got {self.ridge}")
+        if self.drive not in DRIVES:
+            raise PtqdError(f"--drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
         if self.mean_of not in MEAN_OF:
             raise PtqdError(f"mean_of must be one of {', '.join(MEAN_OF)}, got {self.mean_of!r}")
 
@@ -622,5 +655,6 @@ def stats_meta(model: DiffusionModel, quant_fingerprint: str, weight_bits: int, 
         "seed": request.seed,
         "heldout_samples": request.heldout_count(),
         "heldout_seed": request.heldout_seed,
+        "drive": request.drive,
         "batch_size": s.batch_size,
     }
