@@ -202,7 +202,7 @@ def r2_summary(args) -> dict:
     from ptqd.correction.stats import load_stats, stats_name
 
     out = {}
-    for run_name in ("w4", "w8"):
+    for run_name in ("w4", "w4q", "w4fwd", "w8"):
         sampler = sampler_for(args, 0)
         path = args.out / "runs" / run_name / stats_name(sampler, True)
         if not path.is_file():

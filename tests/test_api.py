@@ -170,3 +170,16 @@ def test_latent_zoo_model_quantizes_to_a_decoding_pipeline_that_saves_and_loads(
     back = ptqd.load(ptqd.save(qpipe, tmp_path / "ck"), backend="fake")
     assert type(back.vae).__name__ == "AutoencoderKL"
     assert np.array_equal(to_uint8_images(back(generator=sample_generators(0, range(4)), **kw).images), images)
+
+
+def test_plan_with_a_correction_model_saves_and_loads(quantized, tmp_path):
+    conditional, _, _, qpipe = quantized
+    content = ptqd.plan(qpipe, correction_model="content")
+    assert content.scheduler.corrector.parts == ("content", "vsc") and content.scheduler.corrector.model == "content"
+    assert not np.array_equal(call(content, conditional), call(qpipe, conditional))
+    debias = ptqd.plan(qpipe, correction_model="debias", correct="cnc,bc")
+    back = ptqd.load(ptqd.save(debias, tmp_path / "d.ptqd"), backend="fake")
+    assert back.scheduler.corrector.parts == ("debias",)
+    assert np.array_equal(call(back, conditional), call(debias, conditional))
+    with pytest.raises(PtqdError, match="mixed precision needs a run calibrated for two or more"):
+        ptqd.plan(qpipe, fidelity_budget=1.5)  # this run was calibrated for A8 only

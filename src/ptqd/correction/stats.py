@@ -463,6 +463,15 @@ def save_stats(stats: NoiseStats, path: str | Path) -> Path:
         meta["channels"] = stats.moments.channels
     if stats.heldout is not None:
         arrays.update({f"heldout.{k}": v for k, v in {**stats.heldout.m, **(stats.heldout.joint or {})}.items()})
+    # the fitted maps and their scores: refitted from the moments on load, read as stored without them (checkpoints)
+    for model, (W, bias) in stats.maps.items():
+        arrays[f"map.{model}.W"] = W
+        if bias is not None:
+            arrays[f"map.{model}.bias"] = bias
+    for which, table in stats.mse.items():
+        arrays.update({f"mse.{which}.{key}": v for key, v in table.items()})
+    if stats.x_var is not None:
+        arrays["x_var"] = stats.x_var
     arrays = {k: np.ascontiguousarray(v, dtype=np.float64 if v.dtype.kind == "f" else v.dtype) for k, v in arrays.items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata={"ptqd_noise_stats": json.dumps(meta)})
@@ -518,7 +527,31 @@ def load_stats(path: str | Path) -> NoiseStats:
             _attach_models(stats, float(meta.get("ridge", defaults.RIDGE)))
         except PtqdError as e:
             raise PtqdError(f"{path}: {e}; {fix}") from None
+    else:  # fitted maps stored without their moments (an exported checkpoint)
+        _read_maps(stats, arrays, path, fix)
     return stats
+
+
+def _read_maps(stats: NoiseStats, arrays: dict[str, np.ndarray], path: Path, fix: str) -> None:
+    nb, ns, c = len(stats.bits), len(stats.timesteps), stats.mu.shape[-1]
+    for model in cm.MAPS:
+        W = arrays.get(f"map.{model}.W")
+        if W is None:
+            continue
+        bias = arrays.get(f"map.{model}.bias")
+        if W.shape != (nb, ns, 2 * c + 1, c) or (bias is not None and bias.shape[:3] != (nb, ns, c)):
+            raise PtqdError(f"{path}: array 'map.{model}.W' has shape {W.shape}, expected {(nb, ns, 2 * c + 1, c)}; {fix}")
+        if not (np.isfinite(W).all() and (bias is None or np.isfinite(bias).all())):
+            raise PtqdError(f"{path}: the {model!r} correction model holds NaN or inf; {fix}")
+        stats.maps[model] = (W, bias)
+    for key, v in arrays.items():
+        if key.startswith("mse."):
+            _, which, name = key.split(".", 2)
+            if v.shape != (nb, ns):
+                raise PtqdError(f"{path}: array {key!r} has shape {v.shape}, expected {(nb, ns)}; {fix}")
+            stats.mse.setdefault(which, {})[name] = v
+    if "x_var" in arrays:
+        stats.x_var = arrays["x_var"]
 
 
 def _read_moments(arrays: dict[str, np.ndarray], prefix: str, meta: dict[str, Any]) -> NoiseMoments | None:

@@ -9,7 +9,8 @@ A checkpoint directory (``model.ptqd/``) holds
 * ``weights.safetensors`` — integer weights (``q − qmin`` as uint8; 4-bit and lower packed two per
   byte), per-output-channel scales and zero points, activation scales per bit-width and zero points,
   and the parameters that stay in float (normalisations, embeddings, biases);
-* ``noise_stats_*.safetensors`` (+ ``.json``) — the run's PTQD statistics (fitted arrays only);
+* ``noise_stats_*.safetensors`` (+ ``.json``) — the run's PTQD statistics (fitted arrays and correction
+  maps only, no moments);
 * ``decoder.safetensors`` — latent models only: the full-precision VQModel/AutoencoderKL that turns
   final latents into images (its config and scaling factor are in the manifest).
 
@@ -352,7 +353,7 @@ def _export_stats(run, out: Path) -> list[dict[str, Any]]:
             sources.append(extra)
     for stats in sources:
         src = Path(stats_name_of(stats))
-        stats = dataclasses.replace(stats, moments=None)
+        stats = dataclasses.replace(stats, moments=None, heldout=None)  # the fitted maps and their scores stay
         save_stats(stats, out / src.name)
         m = stats.meta
         entry = {
