@@ -82,7 +82,7 @@ ROWS = {  # in the order they are sampled: the most telling first
     "qcontent_w4a8": ("W4A8 q-driven", "content, statistics on quantized trajectories", "w4q", "cnc,bc", 8, "content", None),
     "qdebias_w4a8": ("W4A8 q-driven", "debias, statistics on quantized trajectories", "w4q", "cnc,bc", 8, "debias", None),
     "qdiff_w4a4_fwd": ("W4A4 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 4, None, None),
-    "content_w4a4_fwd": ("W4A4 fwd", "content, forward block order", "w4fwd", "cnc,bc", 4, "content", None),
+    "qdiff_w4a8_fwd": ("W4A8 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 8, None, None),
     "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
     "ptqd_w8a8": ("W8A8", "PTQD", "w8", "all", 8, None, None),
     "content_w8a8": ("W8A8", "content", "w8", "cnc,bc", 8, "content", None),
@@ -96,7 +96,7 @@ COMPARISONS = [
     ("ptqd_w4a4", "qdiff_w4a4"), ("mean_w4a4", "qdiff_w4a4"), ("content_w4a4", "qdiff_w4a4"), ("pixel_w4a4", "qdiff_w4a4"),
     ("content_w4a4", "ptqd_w4a4"), ("content_w4a4", "cnc_w4a4"), ("contentvsc_w4a4", "content_w4a4"),
     ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"),
-    ("qdiff_w4a4_fwd", "qdiff_w4a4"), ("content_w4a4_fwd", "content_w4a4"),
+    ("qdiff_w4a4_fwd", "qdiff_w4a4"), ("qdiff_w4a8_fwd", "qdiff_w4a8"),
     ("qptqd_w4a4", "qdiff_w4a4"), ("qcnc_w4a4", "qdiff_w4a4"), ("qmean_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "qdiff_w4a4"),
     ("qdebias_w4a4", "qdiff_w4a4"), ("qpixel_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "content_w4a4"),
     ("qcontent_w4a8", "qdiff_w4a8"), ("qdebias_w4a8", "qdiff_w4a8"),
@@ -150,8 +150,8 @@ def get_run(args, fp, name: str):
     opts = calib_options(args)
     opts = dataclasses.replace(opts, block_order="forward" if name == "w4fwd" else "registration")
     t0 = time.perf_counter()
-    run = quantize(fp, qc, "ptqd", opts, sampler=sampler_for(args, 0), out=d, progress=False,
-                   noise_samples=args.noise_samples, mixed_precision=None if name == "w8" else [4, 8])
+    run = quantize(fp, qc, "ptqd", opts, sampler=sampler_for(args, 0), out=d, progress=False,  # w4fwd: uncorrected rows only
+                   noise_samples=0 if name == "w4fwd" else args.noise_samples, mixed_precision=None if name == "w8" else [4, 8])
     print(f"{name}: quantized in {time.perf_counter() - t0:.0f} s", flush=True)
     return run
 

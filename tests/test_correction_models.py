@@ -68,13 +68,25 @@ def test_content_model_recovers_a_content_dependent_error_and_ptqd_cannot():
     assert stats.models() == ["ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel"]
     # debias inverts the fitted error model: ε_corr = (ε̂ − m·x_t − μ)/(1 + k), unbiased given ε
     Wd = stats.maps["debias"][0][0]
+    collinear = [cm._collinear(moments.joint["J"][0, s], cm._idx(2)) for s in range(len(stats.timesteps))]
+    assert not all(collinear)
     for s in range(len(stats.timesteps)):
+        if collinear[s]:  # x_t ≈ ε: A and M cannot be told apart, debias leaves M out
+            assert np.all(Wd[s, 2:4] == 0)
+            continue
         np.testing.assert_allclose(Wd[s, :2], np.eye(2) / (1 + K), atol=0.02)
         np.testing.assert_allclose(Wd[s, 2:4], -M * np.eye(2) / (1 + K), atol=0.02)
         np.testing.assert_allclose(Wd[s, 4], -MU.numpy() / (1 + K), atol=0.01)
         # its residual is the quantization noise left after the inversion, σ/(1+k), larger than the conditional mean's
         assert stats.mse["heldout"]["debias"][0, s] == pytest.approx((SIGMA / (1 + K)) ** 2, rel=0.1)
         assert stats.mse["heldout"]["debias"][0, s] >= stats.mse["heldout"]["content"][0, s]
+    # a collinear step is detected from the moments alone
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 4, 4, generator=g)
+    J, _ = cm.batch_moments(x + 1e-4 * torch.randn(x.shape, generator=g), x, x)
+    assert cm._collinear(J, cm._idx(1))
+    J, _ = cm.batch_moments(torch.randn(x.shape, generator=g), x, x)
+    assert not cm._collinear(J, cm._idx(1))
     J = moments.joint["J"]
     for s in range(len(stats.timesteps)):
         err = cm.forward_fit(J[0, s], 2)  # what the content moments say the quantized network does

@@ -25,6 +25,9 @@ A correction model maps what the sampler sees to an estimate of the FP predictio
   content term M x_t: unbiased given the FP prediction (E[ε_corr | ε, x_t] = ε), where the conditional
   means above shrink towards the average ε (they minimise each step's error, but the part of it they
   leave, (1 − a)·ε, follows the signal and adds up over the steps of a trajectory).
+  Where ε and x_t are nearly collinear (the noisiest steps, x_t ≈ ε) A and M cannot be told apart and
+  the inversion would amplify the fit's arbitrary split, so there M is left out (PTQD's model with a
+  channel-mixing A).
 * ``debias-pixel``: ``debias`` with a per-pixel bias map in the error model.
 
 The ridge penalty is ``ridge`` times the mean variance of the non-constant features, on those
@@ -47,7 +50,6 @@ MODELS = ("ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel")
 MAPS = ("mean", "content", "content-pixel", "debias", "debias-pixel")  # the fitted maps (ptqd is CNC/BC)
 CONDITIONAL_MEANS = ("mean", "content", "content-pixel")  # E[ε | features]: VSC grows the noise
 UNBIASED = ("debias", "debias-pixel")  # E[ε_corr | ε] = ε, as PTQD's CNC: VSC shrinks the noise
-MIN_GAIN = 0.05  # smallest singular value of the fitted A that debias inverts; below it A is taken as I
 
 
 def batch_moments(eps: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +117,8 @@ def _debias_map(J, P, n_samples, c, ridge, pixel: bool):
     """Fit ε̂ ≈ A ε + M x_t + μ (or + b(pixel)) and invert it into W over [ε̂, x_t, 1] (+ pixel bias)."""
     ix = _idx(c)
     ex = np.concatenate([ix["e"], ix["x"]])
+    if _collinear(J, ix):  # x_t ≈ ε (the noisiest steps): A and M cannot be told apart, so M is left out
+        ex = ix["e"]
     if pixel:
         n = float(n_samples)
         Pf, Pq = P[ex], P[ix["q"]]
@@ -124,8 +128,10 @@ def _debias_map(J, P, n_samples, c, ridge, pixel: bool):
     else:
         f = np.concatenate([ex, ix["one"]])
         B = _solve(J[np.ix_(f, f)], J[np.ix_(f, ix["q"])], ridge, const=len(f) - 1)
-        mu, bias_q = B[2 * c], None
-    A, M = B[:c].T, B[c : 2 * c].T  # ε̂ = A ε + M x + μ
+        mu, bias_q = B[len(ex)], None
+    A = B[:c].T  # ε̂ = A ε + M x + μ
+    M = B[c : 2 * c].T if len(ex) == 2 * c else np.zeros((c, c))
+    mu = mu if pixel or len(ex) == 2 * c else B[c]
     if not np.all(np.isfinite(A)) or np.linalg.svd(A, compute_uv=False).min() < MIN_GAIN:
         A = np.eye(c)  # the quantized output barely follows ε here: do not amplify its noise
     Ainv = np.linalg.inv(A)
@@ -134,6 +140,20 @@ def _debias_map(J, P, n_samples, c, ridge, pixel: bool):
     W[c : 2 * c] = -M.T @ Ainv.T
     W[2 * c] = -mu @ Ainv.T
     return W, (None if bias_q is None else -Ainv @ bias_q)
+
+
+MIN_GAIN = 0.05  # smallest singular value of the fitted A that debias inverts; below it A is taken as I
+COLLINEAR = 0.02  # smallest eigenvalue of the correlation matrix of [ε, x_t] below which debias drops x_t
+
+
+def _collinear(J: np.ndarray, ix: dict[str, np.ndarray]) -> bool:
+    """Whether ε and x_t are (nearly) linearly dependent at this step, from their second moments."""
+    f = np.concatenate([ix["e"], ix["x"]])
+    n = J[-1, -1]
+    mean = J[f, -1] / n
+    cov = J[np.ix_(f, f)] / n - np.outer(mean, mean)
+    d = np.sqrt(np.maximum(np.diag(cov), 1e-30))
+    return float(np.linalg.eigvalsh(cov / np.outer(d, d)).min()) < COLLINEAR
 
 
 def ptqd_map(k: float, mu: np.ndarray, parts, channels: int) -> np.ndarray:
