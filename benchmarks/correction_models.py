@@ -72,7 +72,10 @@ ROWS = {  # in the order they are sampled: the most telling first
     "ptqd_mixed": ("A4/A8", "PTQD mixed (snr-unscaled)", "w4", "all", "mixed", None, None),
     "content_budget": ("A4/A8", "content, budget 1.5", "w4", "cnc,bc", "mixed", "content", 1.5),
     "content_budget3": ("A4/A8", "content, budget 3", "w4", "cnc,bc", "mixed", "content", 3.0),
-    "qdiff_budget": ("A4/A8", "Q-Diffusion, budget 1.5", "w4", "none", "mixed", None, 1.5),
+    "qdiff_budget": ("A4/A8", "Q-Diffusion, budget 1.5 (measured)", "w4", "none", "mixed", None, 1.5),
+    "qdiff_gbudget": ("A4/A8", "Q-Diffusion, budget 1.5 (Gaussian)", "w4", "none", "mixed", None, ("gaussian", 1.5)),
+    "cnc_budget": ("A4/A8", "+CNC, budget 1.5 (measured)", "w4", "cnc", "mixed", None, 1.5),
+    "qdiff_budget3": ("A4/A8", "Q-Diffusion, budget 3 (measured)", "w4", "none", "mixed", None, 3.0),
     "qptqd_w4a4": ("W4A4 q-driven", "PTQD, statistics on quantized trajectories", "w4q", "all", 4, None, None),
     "qcnc_w4a4": ("W4A4 q-driven", "+CNC, statistics on quantized trajectories", "w4q", "cnc", 4, None, None),
     "qmean_w4a4": ("W4A4 q-driven", "mean, statistics on quantized trajectories", "w4q", "cnc,bc", 4, "mean", None),
@@ -95,7 +98,7 @@ COMPARISONS = [
     ("ptqd_w4a8", "qdiff_w4a8"), ("content_w4a8", "qdiff_w4a8"), ("mean_w4a8", "qdiff_w4a8"), ("contentvsc_w4a8", "qdiff_w4a8"),
     ("ptqd_w4a4", "qdiff_w4a4"), ("mean_w4a4", "qdiff_w4a4"), ("content_w4a4", "qdiff_w4a4"), ("pixel_w4a4", "qdiff_w4a4"),
     ("content_w4a4", "ptqd_w4a4"), ("content_w4a4", "cnc_w4a4"), ("contentvsc_w4a4", "content_w4a4"),
-    ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"),
+    ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"), ("qdiff_gbudget", "qdiff_w4a8"), ("cnc_budget", "qdiff_w4a8"),
     ("qdiff_w4a4_fwd", "qdiff_w4a4"), ("qdiff_w4a8_fwd", "qdiff_w4a8"),
     ("qptqd_w4a4", "qdiff_w4a4"), ("qcnc_w4a4", "qdiff_w4a4"), ("qmean_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "qdiff_w4a4"),
     ("qdebias_w4a4", "qdiff_w4a4"), ("qpixel_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "content_w4a4"),
@@ -179,7 +182,8 @@ def sample_all(args) -> None:
                 run = runs[run_name]
                 if (correct != "none" or bits == "mixed") and run_name != "w4q":
                     ensure_stats(run, dataclasses.replace(sampler, seed=0), "all", "mixed" if run_name != "w8" else None, progress=False)
-                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=budget)
+                propagation, tol = budget if isinstance(budget, tuple) else ("measured", budget)
+                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=tol, budget_propagation=propagation)
                 s = sample(plan.model, args.num, sampler, progress=False, denoise=plan.denoise, corrector=plan.corrector)
                 s.config.update(plan.record)
             s.config["benchmark"] = {"row": path.stem, "seconds": round(time.perf_counter() - t0, 1)}
@@ -267,7 +271,7 @@ def evaluate_all(args) -> None:
     r2 = r2_summary(args)
     write_json(args.out / f"results_{args.protocol}.json", {**meta, "rows": results, "paired_differences": diffs, "r2": r2})
     write_table(args, meta, results, diffs, r2)
-    if any(r["budget"] for r in results):
+    if any(r["key"] in ("qdiff_budget", "qdiff_gbudget") for r in results):
         plot_budget(args, results)
 
 
@@ -352,16 +356,19 @@ def plot_budget(args, results) -> None:
     run = load_run(args.out / "runs" / "w4", model=fp)
     sampler = sampler_for(args, 0)
     stats = load_stats(args.out / "runs" / "w4" / stats_name(sampler, True))
-    plan = budget_plan(run, stats, sampler, ("content",), 1.5)
-    base = {r["seed"]: r["mse"] for r in results if r["key"] == "content_w4a8"}
+    plan = budget_plan(run, stats, sampler, (), 1.5, propagation="measured")
+    gauss = budget_plan(run, stats, sampler, (), 1.5, propagation="gaussian")
+    base = {r["seed"]: r["mse"] for r in results if r["key"] == "qdiff_w4a8"}
     measured = []
-    for key in ("content_w4a4", "content_budget1.2", "content_budget", "content_budget3", "content_w4a8"):
+    for key in ("qdiff_w4a4", "qdiff_budget", "qdiff_budget3", "qdiff_gbudget", "qdiff_w4a8"):
         rs = [r for r in results if r["key"] == key and r["seed"] in base]
         if rs:
             gb = rs[0]["gbops_sampling"] / 2  # the curve counts one forward per step (no guidance factor)
             measured.append({"gbops": gb, "relative_mse": float(np.mean([r["mse"] / base[r["seed"]] for r in rs])), "label": ROWS[key][1]})
     plot_budget_curve(plan["curve"], measured, args.out / f"budget_{args.protocol}.png",
-                      title=f"{args.model}, W4 content correction: predicted vs measured MSE to FP (relative to A8)", tolerance=1.5)
+                      title=f"{args.model}, W4 Q-Diffusion: predicted (measured step contributions) vs measured MSE to FP", tolerance=1.5)
+    plot_budget_curve(gauss["curve"], measured, args.out / f"budget_gaussian_{args.protocol}.png",
+                      title=f"{args.model}, W4 Q-Diffusion: predicted (Gaussian propagation) vs measured MSE to FP", tolerance=1.5)
 
 
 def _argline(args) -> str:

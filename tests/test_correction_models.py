@@ -282,7 +282,7 @@ def test_damaged_joint_moments_are_refused(tmp_path):
         load_stats(path)
 
 
-def test_correction_model_end_to_end_cli(tmp_path, capsys):
+def test_correction_model_end_to_end_cli(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main([
         "quantize", "--model", "digits16-cond", "--weight-bits", "4", "--mixed-precision", "4,8", "--method", "ptqd",
@@ -310,10 +310,23 @@ def test_correction_model_end_to_end_cli(tmp_path, capsys):
         assert main(["sample", str(run), "--num", "2", "--steps", "5", "--correction-model", "content", "--fidelity-budget", budget,
                      "--out", str(npz), "--no-progress"]) == 0, capsys.readouterr().err
         records[budget] = json.loads(npz.with_suffix(".json").read_text())
-    assert records["1"]["bit_schedule"] == "t 800→0: A8" and records["1e9"]["bit_schedule"] == "t 800→0: A4"
-    assert records["1"]["budget"]["predicted_relative_mse"] == pytest.approx(1.0)
+    assert records["1e9"]["bit_schedule"] == "t 800→0: A4" and records["1"]["budget"]["propagation"] == "measured"
+    assert records["1"]["budget"]["predicted_relative_mse"] <= 1.0  # A4 only where measured no worse than A8
+    cache = json.loads((run / "budget_noise_stats_ddim5_eta1_g3.json").read_text())
+    contrib = cache["entries"][0]["contributions"]
+    assert set(contrib) == {"4", "8"} and all(len(v) == 5 and min(v) >= 0 for v in contrib.values())
+    assert sum(contrib["4"]) > sum(contrib["8"])  # quantizing every step at A4 costs more than at A8
     assert records["1.5"]["budget"]["predicted_relative_mse"] <= 1.5 and records["1.5"]["bit_criterion"] == "fidelity budget 1.5"
     assert records["1e9"]["sampling_bops"] < records["1.5"]["sampling_bops"] <= records["1"]["sampling_bops"]
+    # the cached contributions are reused (nothing is measured again), and the free Gaussian prediction is offered
+    import ptqd.correction.apply as apply_mod
+
+    monkeypatch.setattr(apply_mod, "step_contributions", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    assert main(["sample", str(run), "--num", "2", "--steps", "5", "--correction-model", "content", "--fidelity-budget", "1.5",
+                 "--out", str(tmp_path / "again.npz"), "--no-progress"]) == 0
+    assert main(["sample", str(run), "--num", "2", "--steps", "5", "--fidelity-budget", "1.5", "--budget-propagation", "gaussian",
+                 "--out", str(tmp_path / "gauss.npz"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "gauss.json").read_text())["budget"]["propagation"] == "gaussian"
     capsys.readouterr()
     assert main(["sample", str(run), "--num", "2", "--steps", "5", "--fidelity-budget", "0.5", "--out", str(tmp_path / "b.npz"),
                  "--no-progress"]) == 2

@@ -108,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--fidelity-budget", type=float, default=None,
         help="mixed precision by budget: the cheapest bit schedule whose predicted MSE to FP stays within this factor "
-        "(e.g. 1.5) of the all-high-bit run's, from the noise statistics propagated through the sampler",
+        "(e.g. 1.5) of the all-high-bit run's",
+    )
+    s.add_argument(
+        "--budget-propagation", choices=["measured", "gaussian"], default=D.BUDGET_PROPAGATION,
+        help="how the budget predicts each step's share of the final error: measured (quantize that step alone on "
+        f"{D.SENSITIVITY_SAMPLES} FP trajectories, cached in the run; default) or gaussian (the statistics' residual "
+        "propagated through the sampler linearised around Gaussian data: free, blind to how the model carries early errors)",
     )
     s.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
     s.add_argument(
@@ -420,7 +426,7 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
                          progress=not args.no_progress and ctx.main)
 
         plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION,
-                             fidelity_budget=args.fidelity_budget)
+                             fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation)
         model = plan.model
         if getattr(run.qnet, "ptqd_backend", None):
             plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}

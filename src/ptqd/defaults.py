@@ -36,6 +36,8 @@ HELDOUT_SAMPLES = 64  # at most: trajectories of another seed every correction m
 HELDOUT_SEED = 2001
 CORRECTION_MODEL = "ptqd"  # the paper's CNC/BC; mean, content, content-pixel: ptqd.correction.models
 RIDGE = 1e-4  # ridge penalty of the regression correction models, relative to the feature variance
+BUDGET_PROPAGATION = "measured"  # how --fidelity-budget predicts each step's share of the final error
+SENSITIVITY_SAMPLES = 16  # FP trajectories the measured step contributions are averaged over
 
 PRESETS = {
     "default": {

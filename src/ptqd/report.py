@@ -181,8 +181,9 @@ def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, p
     from ptqd.sampling import load_samples
 
     parts = parse_parts("all" if run.config.get("method") == "ptqd" else "none")
-    try:
-        plan = budget_plan(run, stats, sampler, parts, 1.5)
+    measured = (run_dir / ("budget_" + Path(stats.path).stem + ".json")).is_file() if stats.path else False
+    try:  # the measured step contributions when `ptqd sample --fidelity-budget` has cached them, else the free prediction
+        plan = budget_plan(run, stats, sampler, parts, 1.5, propagation="measured" if measured else "gaussian")
     except PtqdError as e:
         return [f"budgeted mixed precision: {e}", ""], None
     cfg = 2 if stats.meta.get("guidance") not in (None, 1.0) else 1
@@ -209,7 +210,7 @@ def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, p
     lines = [
         f"budgeted mixed precision (`--fidelity-budget 1.5`, correction {','.join(parts) or 'none'}): "
         f"{describe_schedule(plan['schedule'])}; predicted MSE to FP {c['relative']:.2f}× the all-A{max(stats.bits)} run's at "
-        f"{c['bops'] * cfg / 1e9:.1f} GBOPs per image ({c['low_steps']} low-bit steps)"
+        f"{c['bops'] * cfg / 1e9:.1f} GBOPs per image ({c['low_steps']} low-bit steps; {plan['propagation']} propagation)"
         + ("" if points else "; sample and `ptqd evaluate --against FP` the run at A8 and at other budgets to add measured points"),
         "",
     ]

@@ -193,28 +193,135 @@ def residual_for_budget(stats: NoiseStats, parts) -> dict[int, np.ndarray]:
     return {b: np.asarray(table[key][i]) for i, b in enumerate(stats.bits)}
 
 
-def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance: float, candidates=None) -> dict[str, Any]:
+PROPAGATIONS = ("measured", "gaussian")
+
+
+@torch.no_grad()
+def step_contributions(run, sampler: SamplerConfig, parts, bits: list[int], num: int = defaults.SENSITIVITY_SAMPLES,
+                       seed: int = defaults.HELDOUT_SEED, progress: bool = False) -> dict[int, np.ndarray]:
+    """Measured, per bit-width and step i, the final MSE to FP (per element of x_0) that quantizing
+    *only* step i causes: FP trajectories of ``num`` samples, the (corrected, ``parts``) quantized
+    network at bit-width b at step i alone, the FP network before and after with the same noise.
+    Summing a schedule's entries predicts its MSE to FP (errors of different steps taken as additive).
+    Costs about steps/2 FP sampling runs of ``num`` samples per bit-width."""
+    from tqdm import tqdm
+
+    from ptqd.sampling import default_labels, sample_generators
+
+    fp = run.base
+    corrector = Corrector(find_stats(run, sampler), parts, bits_at=None, act_bits=bits[0]) if parts else None
+    sched = make_scheduler(fp, sampler.scheduler, sampler.steps)
+    kw = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
+    guidance = sampler.guidance if fp.conditional else 1.0
+    shape = (fp.channels, fp.image_size, fp.image_size)
+    gens = sample_generators(seed, range(num))
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]) * sched.init_noise_sigma
+    labels = default_labels(fp, num)
+    y = torch.from_numpy(np.asarray(labels)) if labels is not None else None
+    xs, states = [], []
+    for t in sched.timesteps:  # the FP trajectory, with each step's input and generator states
+        xs.append(x)
+        states.append([g.get_state() for g in gens])
+        x = sched.step(fp.denoise(x, t, y, guidance), t, x, generator=gens, **kw).prev_sample
+    final = x
+    before = current_act_bits(run.qnet)
+    out = {b: np.zeros(len(xs)) for b in bits}
+    bar = tqdm(total=len(bits) * len(xs), desc="step sensitivity", disable=not progress)
+    try:
+        for b in bits:
+            set_act_bits(run.qnet, b)
+            if corrector is not None:
+                corrector.bits_at = {int(t): b for t in sched.timesteps}
+                corrector._cache.clear()
+            for i, t in enumerate(sched.timesteps):
+                g = [torch.Generator().set_state(st) for st in states[i]]
+                eps = fp.denoise(xs[i], t, y, guidance, unet=run.qnet)
+                if corrector is not None:
+                    z = corrector.step(sched, eps, t, xs[i], g, eta=sampler.eta if sampler.scheduler == "ddim" else 0.0)
+                else:
+                    z = sched.step(eps, t, xs[i], generator=g, **kw).prev_sample
+                for t2 in sched.timesteps[i + 1:]:
+                    z = sched.step(fp.denoise(z, t2, y, guidance), t2, z, generator=g, **kw).prev_sample
+                out[b][i] = float(((z - final) ** 2).mean())
+                bar.update(1)
+    finally:
+        bar.close()
+        if before is not None:
+            set_act_bits(run.qnet, before)
+    return out
+
+
+def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance: float, candidates=None,
+                propagation: str = defaults.BUDGET_PROPAGATION, progress: bool = False) -> dict[str, Any]:
     """The cheapest bit schedule whose predicted final MSE to FP stays within ``tolerance`` × that of
-    the all-high-bit run (:mod:`ptqd.correction.mixed`), with the whole cost/error curve."""
+    the all-high-bit run, with the whole cost/error curve. ``propagation``: ``measured`` (each step's
+    contribution measured by :func:`step_contributions`, cached in the run directory) or ``gaussian``
+    (each step's residual propagated through the sampler linearised around Gaussian data,
+    :mod:`ptqd.correction.mixed`; free, but blind to how a real model carries early errors)."""
     from ptqd.correction.mixed import budget_curve, budget_schedule, data_variance, propagation_gains
 
+    if propagation not in PROPAGATIONS:
+        raise PtqdError(f"the budget's error propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
     candidates = sorted(candidates or stats.bits)
     for b in candidates:
         stats.bit(b)
-    res_all = residual_for_budget(stats, parts)
-    res = {b: res_all[b] for b in candidates}
     sched = make_scheduler(run.base, sampler.scheduler, sampler.steps)
-    if stats.x_var is None:
-        raise PtqdError("the fidelity budget needs the variance of x_t the noise statistics lack; collect them again with `ptqd stats RUN`")
-    last = int(np.argmax([float(sched.alphas_cumprod[int(t)]) for t in stats.timesteps]))  # the least noisy step
-    v = data_variance(float(stats.x_var[last]), float(sched.alphas_cumprod[int(stats.timesteps[last])]))
-    gains = propagation_gains(sched, sampler.scheduler, float(sampler.eta), v)
+    v = None
+    if propagation == "gaussian":
+        res_all = residual_for_budget(stats, parts)
+        res = {b: res_all[b] for b in candidates}
+        if stats.x_var is None:
+            raise PtqdError("the fidelity budget needs the variance of x_t the noise statistics lack; collect them again with `ptqd stats RUN`")
+        last = int(np.argmax([float(sched.alphas_cumprod[int(t)]) for t in stats.timesteps]))  # the least noisy step
+        v = data_variance(float(stats.x_var[last]), float(sched.alphas_cumprod[int(stats.timesteps[last])]))
+        gains = propagation_gains(sched, sampler.scheduler, float(sampler.eta), v)
+    else:
+        res = _cached_contributions(run, stats, sampler, parts, candidates, progress)
+        gains = np.ones(len(stats.timesteps))
     bops = bops_per_bits(run, candidates)
     schedule = budget_schedule(res, gains, bops, stats.timesteps, tolerance)
     curve = budget_curve(res, gains, bops)
     bits = [schedule[int(t)] for t in stats.timesteps]
     chosen = next(e for e in curve if list(e["bits"]) == bits)
-    return {"schedule": schedule, "curve": curve, "chosen": chosen, "data_var": v, "gains": gains, "bops": bops}
+    return {"schedule": schedule, "curve": curve, "chosen": chosen, "data_var": v, "gains": gains, "bops": bops,
+            "propagation": propagation}
+
+
+def _cached_contributions(run, stats, sampler, parts, bits, progress) -> dict[int, np.ndarray]:
+    """:func:`step_contributions`, read from / written to the run directory when there is one."""
+    key = {"stats": stats_name_for(stats), "quant_fingerprint": quant_fingerprint(run.qnet), "parts": list(parts),
+           "bits": list(bits), "num": defaults.SENSITIVITY_SAMPLES, "seed": defaults.HELDOUT_SEED}
+    cache = getattr(run, "_ptqd_contributions", {})
+    tag = json.dumps(key, sort_keys=True)
+    if tag in cache:
+        return cache[tag]
+    path = Path(run.path) / ("budget_" + Path(stats_name_for(stats)).stem + ".json") if run.path is not None and run.manifest is None else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            for entry in saved.get("entries", []):
+                if entry.get("key") == key:
+                    cache[tag] = {int(b): np.asarray(v) for b, v in entry["contributions"].items()}
+                    run._ptqd_contributions = cache
+                    return cache[tag]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # a damaged cache is measured again and rewritten
+    contrib = step_contributions(run, sampler, parts, bits, progress=progress)
+    cache[tag] = contrib
+    run._ptqd_contributions = cache
+    if path is not None and distributed.context().main:
+        from ptqd.io import write_json
+
+        entries = []
+        if path.is_file():
+            try:
+                entries = [e for e in json.loads(path.read_text()).get("entries", []) if e.get("key") != key]
+            except (json.JSONDecodeError, AttributeError):
+                entries = []
+        entries.append({"key": key, "contributions": {str(b): [float(v) for v in c] for b, c in contrib.items()}})
+        write_json(path, {"what": "per-step MSE to FP caused by quantizing that step alone (ptqd.correction.apply.step_contributions)",
+                          "entries": entries})
+    return contrib
 
 
 def bops_per_bits(run, bits: list[int]) -> dict[int, float]:
@@ -251,6 +358,7 @@ def plan_sampling(
     criterion: str = DEFAULT_CRITERION,
     model: str | None = None,
     fidelity_budget: float | None = None,
+    budget_propagation: str = defaults.BUDGET_PROPAGATION,
 ) -> SamplingPlan:
     """Corrections ``correct`` (none|all|subset of cnc,bc,vsc); ``act_bits`` an int, ``"mixed"``
     (bit-width per step from the statistics) or None (the run's default: mixed for a PTQD run
@@ -288,14 +396,14 @@ def plan_sampling(
     fp = run.base
     record: dict[str, Any] = {"correction": list(parts)}
     if mixed and fidelity_budget is not None:
-        plan = budget_plan(run, stats, sampler, parts, float(fidelity_budget), bits_avail)
+        plan = budget_plan(run, stats, sampler, parts, float(fidelity_budget), bits_avail, budget_propagation)
         schedule = plan["schedule"]
         record["bit_schedule"] = describe_schedule(schedule)
         record["bit_criterion"] = f"fidelity budget {fidelity_budget:g}"
         record["budget"] = {
             "tolerance": float(fidelity_budget), "predicted_relative_mse": float(plan["chosen"]["relative"]),
             "predicted_mse": float(plan["chosen"]["predicted_mse"]), "low_steps": int(plan["chosen"]["low_steps"]),
-            "data_var": float(plan["data_var"]),
+            "propagation": plan["propagation"], **({"data_var": float(plan["data_var"])} if plan["data_var"] is not None else {}),
         }
     elif mixed:
         schedule = schedule_for(run, stats, sampler, bits_avail, criterion, low_steps)
