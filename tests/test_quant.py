@@ -396,7 +396,7 @@ def test_block_order_option_refused_unless_known():
     from ptqd import defaults
     from ptqd.calibration.methods import BLOCK_ORDERS, ordered_units
 
-    assert CalibrationOptions().block_order == defaults.BLOCK_ORDER == "forward"
+    assert CalibrationOptions().block_order == defaults.BLOCK_ORDER == "registration"
     assert BLOCK_ORDERS == ("forward", "registration")
     CalibrationOptions(block_order="registration").validate()
     with pytest.raises(PtqdError, match="unknown block order 'reverse': use one of forward, registration"):
@@ -455,14 +455,14 @@ def test_cli_block_order_recorded_and_old_runs_read_as_registration(tmp_path, ca
     args = ["quantize", "--model", str(tmp_path / "fp"), "--weight-bits", "4", "--steps", "2", "--calib-samples", "2",
             "--calib-steps", "1", "--recon-samples", "4", "--weight-iters", "1", "--act-iters", "1", "--recon-batch", "4",
             "--out", str(out), "--no-progress"]
-    assert main([*args, "--block-order", "registration"]) == 0
+    assert main(args) == 0  # the default: registration order
     cfg = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert cfg["options"]["block_order"] == "registration" and summary["block_order"] == "registration"
     assert summary["units"] == [n for n, _ in recon_units(load_run(out).qnet)]
     # the same directory with the other order is another run: refused, naming the option
     capsys.readouterr()
-    assert main(args) == 2
+    assert main([*args, "--block-order", "forward"]) == 2
     err = capsys.readouterr().err
     assert "options.block_order" in err and "--block-order registration" in err
     # a run made before the option existed (no block_order in its config) reads as registration order
@@ -478,9 +478,9 @@ def test_cli_block_order_recorded_and_old_runs_read_as_registration(tmp_path, ca
     (out / "config.json").write_text(json.dumps(bad))
     with pytest.raises(PtqdError, match="options.block_order"):
         read_run_config(out)
-    # default: forward order, recorded
+    # forward order, recorded
     out2 = tmp_path / "run2"
-    assert main([*args[:-3], "--out", str(out2), "--no-progress"]) == 0
+    assert main([*args[:-3], "--block-order", "forward", "--out", str(out2), "--no-progress"]) == 0
     assert json.loads((out2 / "config.json").read_text())["options"]["block_order"] == "forward"
     _assert_mid_between_down_and_up(json.loads((out2 / "summary.json").read_text())["units"])
 

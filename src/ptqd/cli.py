@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recon-batch", type=int, default=None, help=f"minibatch of the reconstruction (default: the preset's, {D.RECON_BATCH})")
     q.add_argument(
         "--block-order", choices=D.BLOCK_ORDERS, default=D.BLOCK_ORDER,
-        help="order of block reconstruction (qdiff): forward (the order the forward pass runs the blocks) or "
-        "registration (module order: down, up, then mid blocks; what runs before this option used)",
+        help="order of block reconstruction (qdiff): registration (module order: down, up, then mid blocks; default) or "
+        "forward (the order the forward pass runs the blocks)",
     )
     q.add_argument("--seed", type=int, default=0, help="seed of the reconstruction's minibatches")
     q.add_argument("--device", default="cpu", help="torch device to calibrate on (cpu, cuda, …); the run directory loads anywhere")

@@ -9,10 +9,11 @@ network's; then MSE-searched activation ranges and learned activation step sizes
 block again, for every calibrated activation bit-width.
 
 Block inputs come from the network being quantized (earlier blocks already quantized), targets
-from the FP network on the same calibration inputs. Blocks are visited in the order one forward
-pass first calls them (``block_order="forward"``, traced on the model's example input), so each
-block is tuned against inputs from blocks already reconstructed; ``"registration"`` keeps module
-registration order (in diffusers UNets: down blocks, up blocks, then the mid block).
+from the FP network on the same calibration inputs. Blocks are visited in module registration
+order (``block_order="registration"``, the default; in diffusers UNets: down blocks, up blocks, then
+the mid block) or in the order one forward pass first calls them (``"forward"``, traced on the
+model's example input, so each block is tuned against inputs from blocks already reconstructed; on
+digits-ldm it measured no better).
 """
 
 from __future__ import annotations
