@@ -96,7 +96,8 @@ DEFAULT_ROWS = ",".join(ROWS)
 COMPARISONS = [
     ("ptqd_w8a8", "qdiff_w8a8"), ("content_w8a8", "qdiff_w8a8"), ("mean_w8a8", "qdiff_w8a8"),
     ("ptqd_w4a8", "qdiff_w4a8"), ("content_w4a8", "qdiff_w4a8"), ("mean_w4a8", "qdiff_w4a8"), ("contentvsc_w4a8", "qdiff_w4a8"),
-    ("ptqd_w4a4", "qdiff_w4a4"), ("mean_w4a4", "qdiff_w4a4"), ("content_w4a4", "qdiff_w4a4"), ("pixel_w4a4", "qdiff_w4a4"),
+    ("ptqd_w4a4", "qdiff_w4a4"), ("cnc_w4a4", "qdiff_w4a4"), ("debias_w4a4", "qdiff_w4a4"), ("mean_w4a4", "qdiff_w4a4"),
+    ("content_w4a4", "qdiff_w4a4"), ("pixel_w4a4", "qdiff_w4a4"), ("debias_w4a8", "qdiff_w4a8"), ("ptqd_mixed", "qdiff_w4a8"),
     ("content_w4a4", "ptqd_w4a4"), ("content_w4a4", "cnc_w4a4"), ("contentvsc_w4a4", "content_w4a4"),
     ("content_budget", "content_w4a8"), ("qdiff_budget", "qdiff_w4a8"), ("qdiff_gbudget", "qdiff_w4a8"), ("cnc_budget", "qdiff_w4a8"),
     ("qdiff_w4a4_fwd", "qdiff_w4a4"), ("qdiff_w4a8_fwd", "qdiff_w4a8"),
