@@ -214,10 +214,12 @@ def step_contributions(run, sampler: SamplerConfig, parts, bits: list[int], num:
     kw = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
     guidance = sampler.guidance if fp.conditional else 1.0
     shape = (fp.channels, fp.image_size, fp.image_size)
-    gens = sample_generators(seed, range(num))
-    x = torch.stack([torch.randn(shape, generator=g) for g in gens]) * sched.init_noise_sigma
+    param = next(fp.unet.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gens = sample_generators(seed, range(num))  # as the sampling loop: CPU generators, tensors on the model's device
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
     labels = default_labels(fp, num)
-    y = torch.from_numpy(np.asarray(labels)) if labels is not None else None
+    y = torch.from_numpy(np.asarray(labels)).to(device) if labels is not None else None
     xs, states = [], []
     for t in sched.timesteps:  # the FP trajectory, with each step's input and generator states
         xs.append(x)
