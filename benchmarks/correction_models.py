@@ -365,7 +365,7 @@ def plot_budget(args, results) -> None:
         rs = [r for r in results if r["key"] == key and r["seed"] in base]
         if rs:
             gb = rs[0]["gbops_sampling"] / 2  # the curve counts one forward per step (no guidance factor)
-            measured.append({"gbops": gb, "relative_mse": float(np.mean([r["mse"] / base[r["seed"]] for r in rs])), "label": ROWS[key][1]})
+            measured.append({"gbops": gb, "relative_mse": float(np.mean([r["mse"] / base[r["seed"]] for r in rs])), "label": f"{ROWS[key][0]} {ROWS[key][1]}"})
     plot_budget_curve(plan["curve"], measured, args.out / f"budget_{args.protocol}.png",
                       title=f"{args.model}, W4 Q-Diffusion: predicted (measured step contributions) vs measured MSE to FP", tolerance=1.5)
     plot_budget_curve(gauss["curve"], measured, args.out / f"budget_gaussian_{args.protocol}.png",
