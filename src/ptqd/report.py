@@ -175,13 +175,13 @@ def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, p
     """The predicted cost/error curve of the budgeted criterion for the run's default correction, with
     the measured MSE to FP of the run's evaluated samples of this sampler (relative to its all-high run)."""
     from ptqd.compare import find_samples
-    from ptqd.correction.apply import budget_plan
+    from ptqd.correction.apply import budget_plan, has_cached_contributions
     from ptqd.correction.corrector import parse_parts
     from ptqd.metrics.fidelity import metrics_path
     from ptqd.sampling import load_samples
 
     parts = parse_parts("all" if run.config.get("method") == "ptqd" else "none")
-    measured = (run_dir / ("budget_" + Path(stats.path).stem + ".json")).is_file() if stats.path else False
+    measured = has_cached_contributions(run, stats, parts)
     try:  # the measured step contributions when `ptqd sample --fidelity-budget` has cached them, else the free prediction
         plan = budget_plan(run, stats, sampler, parts, 1.5, propagation="measured" if measured else "gaussian")
     except PtqdError as e:

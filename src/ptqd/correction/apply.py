@@ -289,8 +289,15 @@ def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance
             "propagation": propagation}
 
 
-def _cached_contributions(run, stats, sampler, parts, bits, progress) -> dict[int, np.ndarray]:
-    """:func:`step_contributions`, read from / written to the run directory when there is one."""
+def has_cached_contributions(run, stats: NoiseStats, parts, bits=None) -> bool:
+    """Whether :func:`step_contributions` for these corrections are already measured (in memory or in
+    the run directory), so a measured budget costs nothing."""
+    return _cached_contributions(run, stats, None, tuple(parts), sorted(bits or stats.bits), False, measure=False) is not None
+
+
+def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: bool = True) -> dict[int, np.ndarray] | None:
+    """:func:`step_contributions`, read from / written to the run directory when there is one
+    (``measure=False``: None when not measured yet)."""
     key = {"stats": stats_name_for(stats), "quant_fingerprint": quant_fingerprint(run.qnet), "parts": list(parts),
            "bits": list(bits), "num": defaults.SENSITIVITY_SAMPLES, "seed": defaults.HELDOUT_SEED}
     cache = getattr(run, "_ptqd_contributions", {})
@@ -308,6 +315,8 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress) -> dict[in
                     return cache[tag]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             pass  # a damaged cache is measured again and rewritten
+    if not measure:
+        return None
     contrib = step_contributions(run, sampler, parts, bits, progress=progress)
     cache[tag] = contrib
     run._ptqd_contributions = cache
