@@ -46,10 +46,10 @@ ORDER = ("cnc", "bc") + MAPS + ("vsc",)  # canonical order of every correction p
 
 
 def parse_parts(text: str | list[str] | tuple | None, model: str | None = None) -> tuple[str, ...]:
-    """``none``, ``all`` or a comma-separated subset of cnc, bc, vsc, or one regression model (mean,
-    content, content-pixel) with or without vsc → a tuple in canonical order.
+    """``none``, ``all`` or a comma-separated subset of cnc, bc, vsc, or one fitted model (mean, content,
+    content-pixel, debias, debias-pixel) with or without vsc → a tuple in canonical order.
 
-    ``model`` (the correction model, default ``ptqd``): a regression model replaces CNC/BC, so
+    ``model`` (the correction model, default ``ptqd``): a fitted model replaces CNC/BC, so
     ``all`` becomes (model, vsc), and any of cnc/bc (or vsc alone) becomes the model (with vsc if given)."""
     if model is not None and model not in MODELS:
         raise PtqdError(f"unknown correction model {model!r}: use one of {', '.join(MODELS)}")
@@ -77,7 +77,7 @@ def parse_parts(text: str | list[str] | tuple | None, model: str | None = None) 
 
 
 def correction_model(parts: tuple[str, ...]) -> str:
-    """The correction model a parts tuple uses: ``ptqd`` or the regression model's name."""
+    """The correction model a parts tuple uses: ``ptqd`` or the fitted model's name."""
     return next((p for p in parts if p in MAPS), "ptqd")
 
 

@@ -287,14 +287,13 @@ def _attach_models(stats: NoiseStats, ridge: float) -> None:
     stats.mse["fit"] = score_models(stats, moments)
     if heldout is not None and heldout.joint is not None:
         stats.mse["heldout"] = score_models(stats, heldout)
-    if True:
-        c = moments.channels
-        J = moments.joint["J"][0]  # x_t is the FP trajectory's: the same for every bit-width
-        n = J[:, -1, -1]
-        xs = np.arange(2 * c, 3 * c)
-        ex2 = np.stack([np.trace(J[s][np.ix_(xs, xs)]) for s in range(len(n))]) / (n * c)
-        ex = J[:, xs, -1] / n[:, None]
-        stats.x_var = ex2 - (ex**2).mean(-1)
+    c = moments.channels
+    J = moments.joint["J"][0]  # x_t of the first bit-width's trajectories (FP-driven: the same for every bit-width)
+    n = J[:, -1, -1]
+    xs = np.arange(2 * c, 3 * c)
+    ex2 = np.stack([np.trace(J[s][np.ix_(xs, xs)]) for s in range(len(n))]) / (n * c)
+    ex = J[:, xs, -1] / n[:, None]
+    stats.x_var = ex2 - (ex**2).mean(-1)
 
 
 def _fit_maps(stats: NoiseStats, moments: NoiseMoments, ridge: float) -> None:
