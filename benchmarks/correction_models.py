@@ -42,6 +42,8 @@ from ptqd.quant import QuantConfig
 from ptqd.runs import ensure_stats, load_run, quantize
 from ptqd.sampling import SamplerConfig, load_samples, sample, save_samples
 
+from fidelity import first  # noqa: E402  (benchmarks/fidelity.py: the first N images of a larger run)
+
 PROTOCOLS = {  # steps, eta, guidance
     "eta1": (50, 1.0, 3.0),
     "eta0": (20, 0.0, 3.0),
@@ -190,15 +192,6 @@ def sample_all(args) -> None:
             s.config["benchmark"] = {"row": path.stem, "seconds": round(time.perf_counter() - t0, 1)}
             save_samples(s, path)
             print(f"{path.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-
-
-def first(samples, n: int):
-    if len(samples.images) < n:
-        raise SystemExit(f"{n} images asked, the file has {len(samples.images)}")
-    samples.images = samples.images[:n]
-    samples.labels = samples.labels[:n] if samples.labels is not None else None
-    samples.config = {**samples.config, "num": n}
-    return samples
 
 
 def r2_summary(args) -> dict:
