@@ -301,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except PtqdError as e:
+    except (PtqdError, OSError) as e:
+        from ptqd.io import WriteError, os_error
+
+        if isinstance(e, OSError):  # an OSError no writer translated: the same translation (io.os_error)
+            if args.debug:
+                raise
+            e = os_error(e, action="read or write")
+        if isinstance(e, WriteError) and args.command in KEPT:
+            e = f"{e}; {KEPT[args.command]}"
         print(f"ptqd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -26,17 +28,132 @@ def process_umask() -> int:
     return mask
 
 
+class WriteError(PtqdError):
+    """An output could not be written (disk full, read-only, permission, name too long, ...).
+
+    The CLI adds what an interrupted command keeps (what can be resumed) to the message."""
+
+
+# errno -> (what happened, what to do); {path} is filled in
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space there (or choose another --out on a disk with room)"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space (or choose another --out)"),
+    errno.EROFS: ("the file system is read-only", "choose another --out on a writable file system"),
+    errno.EACCES: ("permission denied", "choose another --out, or fix the permissions of {dir}"),
+    errno.EPERM: ("operation not permitted (the file or its directory may be immutable, `chattr +i`, or owned by "
+                  "someone else)", "check `lsattr`/`ls -l` of {path} and {dir}, or choose another --out"),
+    errno.ENAMETOOLONG: ("the file name or path is too long (at most {name_max} bytes per name and {path_max} bytes per path)",
+                         "choose a shorter --out"),
+    errno.ELOOP: ("too many levels of symbolic links (a symlink loop)", "fix the symbolic links in {path}, or choose another --out"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose another --out"),
+    errno.EISDIR: ("it is a directory", "choose another --out"),
+    errno.EEXIST: ("something else already exists there", "choose another --out"),
+    errno.EIO: ("an input/output error from the device", "check the disk, or choose another --out"),
+    errno.EFBIG: ("the file is too large for this file system", "choose another --out on a file system that allows large files"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and rerun"),
+}
+
+
+def _limit(path: Path, name: str, default: int) -> int:
+    p = path
+    while True:
+        try:
+            return os.pathconf(p, name)
+        except (OSError, ValueError):
+            if p == p.parent:
+                return default
+            p = p.parent
+
+
+def name_max(directory: str | Path) -> int:
+    """Longest file name (bytes) ``directory``'s file system takes (255 where it cannot be asked)."""
+    return _limit(Path(directory), "PC_NAME_MAX", 255)
+
+
+def os_error(e: OSError, path: str | Path | None = None, action: str = "write") -> WriteError:
+    """The one translation of an OSError on an output into a PtqdError naming the path, the cause and
+    the fix (to raise). ``path``: the output being written (else the error's own file name)."""
+    where = Path(e.filename) if getattr(e, "filename", None) else (Path(path) if path is not None else None)
+    target = Path(path) if path is not None else where
+    if where is not None and target is not None and where.name.startswith(".") and where.name.endswith(".tmp") \
+            and where.parent == target.parent:
+        where = target  # the temporary file of an atomic write: name the output
+    code = e.errno
+    text = where if where is not None else "an output"
+    directory = where.parent if where is not None else "its directory"
+    if code in _OS_ERRORS:
+        cause, fix = _OS_ERRORS[code]
+        fill = dict(path=text, dir=directory, name_max=name_max(directory) if where is not None else 255,
+                    path_max=_limit(Path(directory), "PC_PATH_MAX", 4096) if where is not None else 4096)
+        cause, fix = cause.format(**fill), fix.format(**fill)
+    else:
+        cause, fix = (e.strerror or str(e)), "choose another --out, or fix the cause and rerun"
+    return WriteError(f"cannot {action} {text}: {cause}; {fix}")
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes free to this user on the file system of ``path`` (its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(path: str | Path, nbytes: int, what: str = "output", option: str = "--out") -> None:
+    """Refuse before work when the file system of ``path`` has less than ``nbytes`` (+1 MiB) free."""
+    free = free_bytes(path)
+    need = int(nbytes) + (1 << 20)
+    if free is not None and free < need:
+        raise WriteError(
+            f"{option} {path}: the {what} needs about {_size(need)} but only {_size(free)} are free on its file system; "
+            f"free some space or choose another {option} (nothing was written)"
+        )
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _fsync(path: Path, directory: bool = False) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     except OSError:
-        return
+        if directory:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
+    except OSError as e:
+        # some file systems cannot fsync a directory (or at all); a file's failed fsync (ENOSPC, EIO on
+        # network file systems that write late) is a failed write
+        if directory or e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            pass
+        else:
+            raise
     finally:
         os.close(fd)
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.`` shortened so that mkstemp's ``.NAME.XXXXXXXX.tmp`` fits the file system's NAME_MAX."""
+    room = name_max(path.parent) - len(".") - len(".") - 8 - len(".tmp") - 2
+    name = path.name.encode()
+    if len(name) > room:
+        name = name[: max(1, room)].decode(errors="ignore").encode()
+    return f".{name.decode(errors='ignore')}."
+
+
+def _nearly_full(path: Path) -> bool:
+    free = free_bytes(path)
+    return free is not None and free < (1 << 16)
 
 
 @contextmanager
@@ -45,23 +162,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     A crash leaves either the old file or the new one, never a half-written file: the temporary
     file is flushed to disk (fsync) before the rename and the directory after it. The written file
-    gets the mode any tool would give it, 0666 minus the process umask (not mkstemp's 0600).
+    gets the mode any tool would give it, 0666 minus the process umask (not mkstemp's 0600). Its
+    name fits the file system's NAME_MAX whenever ``path``'s does. Any failure removes the
+    temporary file; an OSError (a full disk, a read-only or immutable target, a name too long, a
+    symlink loop) becomes a :class:`WriteError` naming ``path``, the cause and the fix, as does a
+    writer's own error (torch, safetensors) when the disk is full afterwards.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
-        yield tmp_path
+        if path.exists() and not path.is_file() and not path.is_symlink():
+            raise WriteError(f"cannot write {path}: it exists and is not a regular file (a directory, FIFO or device); choose another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+        except (OSError, PtqdError, KeyboardInterrupt, GeneratorExit):
+            raise
+        except Exception as e:
+            if _nearly_full(path.parent):  # a writer that wraps ENOSPC in its own error type
+                raise os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)), path) from e
+            raise
         if tmp_path.is_file():
             os.chmod(tmp_path, 0o666 & ~process_umask())
             _fsync(tmp_path)
         os.replace(tmp_path, path)
         _fsync(path.parent, directory=True)
+    except OSError as e:
+        raise os_error(e, path) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if tmp_path is not None and tmp_path.exists():
+            try:
+                tmp_path.unlink()
+            except OSError:
+                pass
 
 
 def write_json(path: str | Path, data: Any, strict: bool = False) -> Path:
@@ -192,28 +328,105 @@ def check_output(
     """
     path = Path(path)
     label = f"{option} {path}"
+    st = _probe(path, label)
     if kind == "file":
         if suffix is not None and path.suffix.lower() != suffix:
             raise PtqdError(f"{label}: ptqd writes a {suffix} file here; give a name ending in {suffix}")
-        if path.is_dir():
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise PtqdError(f"{label} is an existing directory; give a {suffix or 'file'} name (e.g. {path / ('out' + (suffix or ''))})")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise PtqdError(f"{label} exists and is not a regular file (a FIFO, socket or device); ptqd writes files only: choose another {option}")
     elif kind == "dir":
-        if path.exists() and not path.is_dir():
+        if st is not None and not stat.S_ISDIR(st.st_mode):
             raise PtqdError(f"{label} is an existing file, but ptqd writes a directory here; choose another {option}")
     else:
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
-    parent = path if kind == "dir" and path.is_dir() else path.parent
-    while not parent.exists() and parent != parent.parent:
+    if len(path.name.encode()) > name_max(path.parent if path.parent.exists() else Path(".")):
+        raise os_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path)), path)
+    parent = path if kind == "dir" and st is not None else path.parent
+    while _probe(parent, label) is None and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise PtqdError(f"{label}: {parent} is a file, not a directory; choose another {option}")
     if not _writable(parent):
-        raise PtqdError(f"{label}: cannot write in {parent} (permission denied or read-only); choose another {option}")
-    if overwrite or not path.exists():
+        raise PtqdError(f"{label}: cannot write in {parent} (permission denied, read-only or immutable); choose another {option}")
+    if st is None:
         return path
+    if kind == "file":
+        _check_replaceable(path, label, option)
     if kind == "dir" and not any(path.iterdir()):
+        return path
+    if overwrite:
+        if kind == "file":
+            _note_replace(path, label, "a file ptqd did not write (--overwrite)")
         return path
     if ours is None or not ours(path):
         what = "a directory that ptqd did not write" if kind == "dir" else "a file that ptqd did not write"
         raise PtqdError(f"{label} exists and is {what}; choose another {option}, or pass --overwrite to write over it")
+    if kind == "file":
+        _note_replace(path, label, "a file ptqd wrote earlier")
+    return path
+
+
+def _probe(path: Path, label: str) -> os.stat_result | None:
+    """``os.stat`` of ``path`` (None when it does not exist); a symlink loop or a name too long is refused."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise os_error(e, path) from None
+
+
+def _check_replaceable(path: Path, label: str, option: str) -> None:
+    """An existing file that the final rename could not replace (immutable, append-only) is refused now,
+    not after the work."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0))
+    except PermissionError as e:
+        if e.errno == errno.EPERM:
+            raise PtqdError(
+                f"{label} cannot be replaced: operation not permitted (it is immutable or append-only, `chattr +i`/`+a`; "
+                f"see `lsattr {path}`); remove the attribute or choose another {option}"
+            ) from None
+        return  # EACCES on a read-only file: the rename in a writable directory still replaces it
+    except OSError:
+        return
+    os.close(fd)
+
+
+_noted: set[str] = set()
+
+
+def _note_replace(path: Path, label: str, what: str) -> None:
+    """One printed line per output per process when ``--out`` replaces an existing file."""
+    key = str(path.resolve())
+    if label.startswith("--out") and key not in _noted:
+        _noted.add(key)
+        print(f"note: {label} exists ({what}); it will be replaced")
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header written in sorted key order, metadata included
+    (safetensors writes ``__metadata__`` in hash order, so the same tensors can give different bytes)."""
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write torch ``tensors`` as safetensors, atomically and byte-for-byte reproducible (sorted header)."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
     return path

@@ -40,7 +40,7 @@ from torch import nn
 from ptqd import __version__
 from ptqd.errors import PtqdError
 from ptqd.integrity import check_seal, seal, sha256_file
-from ptqd.io import _fsync as _fsync_path, atomic_path, check_output, dir_with, process_umask, write_json
+from ptqd.io import _fsync as _fsync_path, _temp_prefix, atomic_path, os_error, check_output, dir_with, process_umask, save_safetensors, write_json
 from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.denoiser import QuantizedRun, quant_fingerprint
@@ -136,14 +136,18 @@ def export(run: QuantizedRun, out: str | Path, progress: bool = True, overwrite:
     if run.manifest is not None:
         raise PtqdError("this model was loaded from a checkpoint; export from the quantization run directory")
     check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))  # fits NAME_MAX
         os.chmod(tmp, 0o777 & ~process_umask())  # a directory's usual mode, not mkdtemp's 0700
         _write_checkpoint(run, tmp, out, progress)
         _swap_in(tmp, out)
+    except OSError as e:
+        raise os_error(e, out) from None  # the partial checkpoint (a temporary directory) is removed below
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -218,8 +222,7 @@ def _write_checkpoint(run, out: Path, final: Path, progress: bool) -> None:
 
     fp = run.base
     adapter = _adapter_record(fp, tensors)
-    with atomic_path(out / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    save_safetensors(tensors, out / WEIGHTS, metadata={"format": FORMAT, "version": str(VERSION)})  # sorted: same run, same bytes
     stats_entries = _export_stats(run, out)
     files = {WEIGHTS: None, **{e["file"]: None for e in stats_entries}, **{e["table"]: None for e in stats_entries}}
     decoder = None
