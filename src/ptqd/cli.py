@@ -238,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(formatter_class=_Help, name="report", help="plots and a markdown summary of a run's noise statistics")
     r.add_argument("run", type=Path, help="quantization run directory")
     r.add_argument("--out", type=Path, default=None, help="directory for report.md and PNGs (default: RUN/report)")
+    r.add_argument("--overwrite", action="store_true", help="write into an existing directory that is not a ptqd report")
 
     c = sub.add_parser(formatter_class=_Help, name="compare", help="tabulate several runs (and samples .npz files) side by side")
     c.add_argument("paths", type=Path, nargs="+", help="run directories and/or samples .npz files")
     c.add_argument("--out", type=Path, default=None, help="also write OUT.md (table + FD-vs-BOPs plot) and OUT.json")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     e = sub.add_parser(formatter_class=_Help, name="evaluate", help="sample-quality metrics of a samples .npz")
     e.add_argument("samples", type=Path, help="samples .npz (from `ptqd sample`)")
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf = sub.add_parser(formatter_class=_Help, name="reference", help="build an Inception reference batch (.npz, ADM format) from real images")
     rf.add_argument("images", type=Path, help=".npz with images (or ADM's arr_0), or a directory of image files of one size")
     rf.add_argument("--out", type=Path, required=True, help="reference .npz")
+    rf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     rf.add_argument("--inception", type=Path, default=None, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
     rf.add_argument("--name", default=None, help="name recorded in the reference (default: the file name)")
     rf.add_argument("--device", default="cpu")
@@ -343,8 +346,9 @@ def _run(args: argparse.Namespace) -> int:
         _evaluate(args)
     elif args.command == "reference":
         from ptqd.metrics.inception import load_inception
-        from ptqd.metrics.standard import build_reference, read_images, save_reference
+        from ptqd.metrics.standard import build_reference, check_reference_output, read_images, save_reference
 
+        check_reference_output(args.out, args.overwrite)
         images = read_images(args.images)
         inception = load_inception(args.inception, args.device)
         ref = build_reference(images, inception, args.name or args.out.name, args.batch_size, not args.no_progress)
@@ -363,15 +367,17 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "report":
         from ptqd.report import write_report
 
-        path = write_report(args.run, args.out)
+        path = write_report(args.run, args.out, overwrite=args.overwrite)
         print(f"wrote {path}")
     elif args.command == "compare":
-        from ptqd.compare import compare, format_compare, write_compare
+        from ptqd.compare import check_compare_output, compare, format_compare, write_compare
 
+        if args.out is not None:
+            check_compare_output(args.out, args.overwrite)
         rows = compare(args.paths)
         print(format_compare(rows))
         if args.out is not None:
-            print(f"wrote {write_compare(rows, args.out)}")
+            print(f"wrote {write_compare(rows, args.out, overwrite=args.overwrite)}")
     elif args.command == "convert-ldm":
         from ptqd.models.convert import convert_compvis_ldm
 
@@ -468,7 +474,9 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
             print(f"{args.num} images in {path} (config: {path.with_suffix('.json')})")
         return
     from ptqd.locks import output_lock
+    from ptqd.sampling import check_samples_space
 
+    check_samples_space(model, args.num, args.out)
     with output_lock(args.out, "samples file"):
         samples = sample(model, args.num, config, labels=args.labels, progress=not args.no_progress, denoise=denoise, corrector=corrector)
         if plan is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqd.errors import PtqdError
-from ptqd.io import atomic_path, write_json
+from ptqd.io import atomic_path, check_output, json_list, text_starting, write_json
 
 METRIC_KEYS = (
     "psnr", "psnr_std", "ssim", "ssim_std", "mse", "mse_std", "fd_fp", "fd_fp_floor", "fd_fp_ratio",
@@ -215,9 +215,21 @@ def plot_compare(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def write_compare(rows: list[dict[str, Any]], out: Path) -> Path:
-    """``out``.md (table + plot) and ``out``.json."""
+def check_compare_output(out: str | Path, overwrite: bool = False) -> Path:
+    """Check before any work that ``out``.md, .json and .png can be written: new, or written by an
+    earlier ``ptqd compare`` (a .png only beside its .md); anything else only with ``overwrite``."""
     out = Path(out)
+    md = out.with_suffix(".md")
+    ours_md = text_starting("# ptqd compare")
+    check_output(md, ".md", overwrite=overwrite, ours=ours_md)
+    check_output(out.with_suffix(".json"), ".json", overwrite=overwrite, ours=json_list)
+    check_output(out.with_suffix(".png"), ".png", overwrite=overwrite, ours=lambda p: ours_md(md))
+    return out
+
+
+def write_compare(rows: list[dict[str, Any]], out: Path, overwrite: bool = False) -> Path:
+    """``out``.md (table + plot) and ``out``.json (checked as :func:`check_compare_output` says)."""
+    out = check_compare_output(out, overwrite)
     md = out.with_suffix(".md")
     png = plot_compare(rows, out.with_suffix(".png"))
     text = "# ptqd compare\n\n" + format_compare(rows) + "\n"

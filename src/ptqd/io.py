@@ -282,6 +282,28 @@ def json_with(*keys: str) -> Callable[[Path], bool]:
     return ours
 
 
+def text_starting(prefix: str) -> Callable[[Path], bool]:
+    """A text file whose first line starts with ``prefix`` (a report: ``# ptqd``)."""
+
+    def ours(path: Path) -> bool:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read(len(prefix)) == prefix
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return ours
+
+
+def json_list(path: Path) -> bool:
+    """A JSON list of objects (``ptqd compare --out``'s rows)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, list) and all(isinstance(r, dict) for r in data)
+
+
 def dir_with(*markers: tuple[str, Callable[[Path], bool] | None]) -> Callable[[Path], bool]:
     """A directory holding any of ``markers`` (file name, optional check of that file)."""
 

@@ -9,7 +9,10 @@ import numpy as np
 from ptqd.correction.mixed import CRITERIA, DEFAULT_CRITERION, describe_schedule
 from ptqd.correction.stats import NoiseStats, load_stats
 from ptqd.errors import PtqdError
-from ptqd.io import atomic_path, write_json
+from ptqd.io import atomic_path, check_output, dir_with, json_with, text_starting, write_json
+
+# a report directory ptqd wrote: its report.md or run.json
+REPORT_DIR = dir_with(("report.md", text_starting("# ptqd run")), ("run.json", json_with("config", "summary")))
 
 
 def _save(fig, path: Path) -> None:
@@ -223,16 +226,18 @@ def _title(stats: NoiseStats) -> str:
     return f"W{m.get('weight_bits')} {m.get('scheduler')} {m.get('steps')} steps eta {m.get('eta')}{g}, N={m.get('num_samples')}"
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """report.md + PNGs for every noise-statistics file of the run."""
+def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """report.md + PNGs for every noise-statistics file of the run. ``out`` (default RUN/report) is
+    checked first: a new or empty directory or an earlier report; any other directory only with ``overwrite``."""
     from ptqd.correction.apply import calibrated_bits, schedule_for
     from ptqd.correction.mixed import snr_table
     from ptqd.runs import load_run
     from ptqd.sampling import SamplerConfig, make_scheduler
 
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
+    check_output(out, kind="dir", overwrite=overwrite, ours=REPORT_DIR, option="--out" if out != run_dir / "report" else "report directory")
+    run = load_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(run_dir.glob("noise_stats_*.safetensors"))
     cfg, summary = run.config, run.summary

@@ -230,6 +230,23 @@ def check_samples_output(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def samples_bytes(model: DiffusionModel, num: int) -> int:
+    """About how many bytes ``num`` uint8 images of ``model`` take (a latent model's decoder upsamples)."""
+    side, channels = model.image_size, model.channels
+    if model.latent:
+        blocks = getattr(getattr(model.decoder.vae, "config", None), "block_out_channels", None) or (0, 0, 0, 0)
+        side, channels = side * 2 ** (len(blocks) - 1), 3
+    return int(num) * side * side * channels
+
+
+def check_samples_space(model: DiffusionModel, num: int, path: str | Path, chunked: bool = False) -> None:
+    """Refuse before sampling when the disk of ``path`` cannot take the images (twice over when chunked:
+    the chunks and the merged file exist together)."""
+    from ptqd.io import check_space
+
+    check_space(path, samples_bytes(model, num) * (2 if chunked else 1), f"{num} images")
+
+
 def save_samples(samples: Samples, path: str | Path) -> Path:
     """Write ``images`` (+ ``labels``) to ``.npz`` atomically (byte-reproducible), and the config to a
     ``.json`` beside it."""

@@ -17,7 +17,7 @@ import numpy as np
 from ptqd import distributed
 from ptqd.chunks import ChunkStore
 from ptqd.locks import holds_lock
-from ptqd.sampling import SamplerConfig, Samples, check_samples_output, sample, sample_record, save_samples
+from ptqd.sampling import SamplerConfig, Samples, check_samples_output, check_samples_space, sample, sample_record, save_samples
 
 DEFAULT_CHUNK = 1000
 
@@ -68,6 +68,7 @@ def sample_to_file(
     if num < 1:
         raise PtqdError(f"number of samples must be at least 1, got {num}")
     out = check_samples_output(out, overwrite)
+    check_samples_space(model, num, out, chunked=True)
     full = sample_record(model, num, config, corrector)
     full.update(record or {})
     full = json.loads(json.dumps(full, default=str))

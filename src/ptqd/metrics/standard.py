@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ptqd.errors import PtqdError
-from ptqd.io import write_npz
+from ptqd.io import check_output, npz_with, write_npz
 from ptqd.metrics.frechet import feature_stats, frechet_distance
 from ptqd.metrics.inception import Inception, InceptionFeatures, check_images, inception_features
 from ptqd.metrics.quality import inception_score, precision_recall
@@ -86,6 +86,15 @@ def build_reference(images: np.ndarray, inception: Inception, name: str, batch_s
     mu, sigma = feature_stats(f.pool)
     mu_s, sigma_s = feature_stats(f.spatial)
     return InceptionReference(name, inception.fingerprint, len(images), mu, sigma, mu_s, sigma_s, f.pool)
+
+
+REFERENCE = npz_with("mu", "sigma", "mu_s", "sigma_s")
+
+
+def check_reference_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Check before any work that ``path`` (.npz) can take a reference batch: new, or one ptqd wrote;
+    any other file only with ``overwrite``."""
+    return check_output(path, ".npz", overwrite=overwrite, ours=REFERENCE)
 
 
 def save_reference(ref: InceptionReference, path: str | Path) -> Path:

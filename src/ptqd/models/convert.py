@@ -21,14 +21,16 @@ of the class table is the unconditional class (cin256-v2: 1001 rows, class 1000 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ptqd.errors import PtqdError
-from ptqd.io import write_json
+from ptqd.io import _temp_prefix, check_output, os_error, process_umask, write_json
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -102,6 +104,10 @@ def convert_compvis_ldm(
         create_unet_diffusers_config_from_ldm,
     )
 
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise PtqdError(f"--out {out} already exists; choose another --out (convert-ldm never writes into an existing path)")
+    check_output(out, kind="dir")  # a writable parent, a name that fits: before reading the checkpoint
     sd = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     cfg = config if isinstance(config, dict) else read_config(config)
     params = _params(cfg, "model", "params")
@@ -158,12 +164,22 @@ def convert_compvis_ldm(
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
 
-    out = Path(out)
     if out.exists():
         raise PtqdError(f"{out} already exists; choose another --out")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh temporary directory of our own (never a name a user may hold), removed on any failure
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
+    try:
+        _write_converted(tmp, out, unet, vae, key, vae_name, scheduler, table, null)
+    except OSError as e:
+        raise os_error(e, out) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_converted(tmp: Path, out: Path, unet, vae, key: str, vae_name: str, scheduler, table, null: int) -> None:
+    os.chmod(tmp, 0o777 & ~process_umask())
     unet.save_pretrained(str(tmp / "unet"))
     vae.save_pretrained(str(tmp / key))
     scheduler.save_pretrained(str(tmp / "scheduler"))
@@ -177,4 +193,3 @@ def convert_compvis_ldm(
     num_classes = table.shape[0] - 1 if null == table.shape[0] - 1 else table.shape[0]
     write_json(tmp / "ptqd_model.json", {"num_classes": num_classes, "null_class": null, "converted_from": "CompVis LatentDiffusion"})
     tmp.rename(out)
-    return out

@@ -40,7 +40,7 @@ from torch import nn
 from ptqd import __version__
 from ptqd.errors import PtqdError
 from ptqd.integrity import check_seal, seal, sha256_file
-from ptqd.io import _fsync as _fsync_path, _temp_prefix, atomic_path, os_error, check_output, dir_with, process_umask, save_safetensors, write_json
+from ptqd.io import _fsync as _fsync_path, _temp_prefix, atomic_path, check_space, os_error, check_output, dir_with, process_umask, save_safetensors, write_json
 from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
 from ptqd.quant.denoiser import QuantizedRun, quant_fingerprint
@@ -136,6 +136,8 @@ def export(run: QuantizedRun, out: str | Path, progress: bool = True, overwrite:
     if run.manifest is not None:
         raise PtqdError("this model was loaded from a checkpoint; export from the quantization run directory")
     check_output(out, kind="dir", overwrite=overwrite, ours=CHECKPOINT_DIR)
+    bits = run.config.get("quant", {}).get("weight_bits", 8)
+    check_space(out, sum(p.numel() for p in run.base.unet.parameters()) * min(bits, 32) // 8, "checkpoint")  # a lower bound
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
