@@ -523,7 +523,11 @@ def test_compvis_ldm_checkpoint_converts_and_runs_end_to_end(tmp_path, capsys):
     cfg = tmp_path / "cin-tiny.yaml"
     cfg.write_text(yaml.safe_dump(COMPVIS_CONFIG))
     out = tmp_path / "converted"
+    (tmp_path / "converted.partial").mkdir()  # a user's directory beside --out: left alone
+    (tmp_path / "converted.partial" / "keep.txt").write_text("mine")
     assert main(["convert-ldm", str(ckpt), "--config", str(cfg), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "converted.partial" / "keep.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted")]  # no temporary directory left
     m = load(out)
     assert m.describe()["kind"] == "cross-attention" and m.describe()["decoder"] == "VQModel"
     assert (m.num_classes, m.null_class) == (4, 4) and m.latent and m.decoder.scaling_factor == 1.0

@@ -70,9 +70,10 @@ def name_max(directory: str | Path) -> int:
     return _limit(Path(directory), "PC_NAME_MAX", 255)
 
 
-def os_error(e: OSError, path: str | Path | None = None, action: str = "write") -> WriteError:
+def os_error(e: OSError, path: str | Path | None = None, action: str = "write", label: str | None = None) -> WriteError:
     """The one translation of an OSError on an output into a PtqdError naming the path, the cause and
-    the fix (to raise). ``path``: the output being written (else the error's own file name)."""
+    the fix (to raise). ``path``: the output being written (else the error's own file name);
+    ``label``: how to name it (e.g. ``--out PATH``)."""
     where = Path(e.filename) if getattr(e, "filename", None) else (Path(path) if path is not None else None)
     target = Path(path) if path is not None else where
     if where is not None and target is not None and where.name.startswith(".") and where.name.endswith(".tmp") \
@@ -88,7 +89,7 @@ def os_error(e: OSError, path: str | Path | None = None, action: str = "write") 
         cause, fix = cause.format(**fill), fix.format(**fill)
     else:
         cause, fix = (e.strerror or str(e)), "choose another --out, or fix the cause and rerun"
-    return WriteError(f"cannot {action} {text}: {cause}; {fix}")
+    return WriteError(f"cannot {action} {label or text}: {cause}; {fix}")
 
 
 def free_bytes(path: str | Path) -> int | None:
@@ -108,7 +109,7 @@ def check_space(path: str | Path, nbytes: int, what: str = "output", option: str
     free = free_bytes(path)
     need = int(nbytes) + (1 << 20)
     if free is not None and free < need:
-        raise WriteError(
+        raise PtqdError(
             f"{option} {path}: the {what} needs about {_size(need)} but only {_size(free)} are free on its file system; "
             f"free some space or choose another {option} (nothing was written)"
         )
@@ -364,7 +365,8 @@ def check_output(
     else:
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
     if len(path.name.encode()) > name_max(path.parent if path.parent.exists() else Path(".")):
-        raise os_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path)), path)
+        e = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
+        raise PtqdError(str(os_error(e, path, label=label))) from None  # before any work: not a failed write
     parent = path if kind == "dir" and st is not None else path.parent
     while _probe(parent, label) is None and parent != parent.parent:
         parent = parent.parent
@@ -397,7 +399,7 @@ def _probe(path: Path, label: str) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        raise os_error(e, path) from None
+        raise PtqdError(str(os_error(e, path, label=label))) from None  # before any work: not a failed write
 
 
 def _check_replaceable(path: Path, label: str, option: str) -> None:
