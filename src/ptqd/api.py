@@ -41,6 +41,24 @@ W8A8 = QuantConfig(weight_bits=8, act_bits=8)
 W4A8 = QuantConfig(weight_bits=4, act_bits=8)
 W4A4 = QuantConfig(weight_bits=4, act_bits=4)
 PIPELINE_FILE = "ptqd_pipeline.json"
+CONFIGS = {"W8A8": W8A8, "W4A8": W4A8, "W4A4": W4A4}  # the preset names quantize() also takes as strings
+PIPELINE_SCHEMA = {
+    "kind": "str", "pipeline": "str|null", "scheduler": "str|null", "sampler": "dict|null", "correct": "str",
+    "act_bits": "int|str|null", "fidelity_budget": "number|null", "manifest_sha256?": "str",
+}
+
+
+def as_config(config) -> QuantConfig:
+    """A :class:`QuantConfig`, or one of the preset names ``"W8A8"``, ``"W4A8"``, ``"W4A4"``."""
+    if isinstance(config, QuantConfig):
+        config.validate()
+        return config
+    if isinstance(config, str) and config.upper() in CONFIGS:
+        return CONFIGS[config.upper()]
+    raise PtqdError(
+        f"config must be a ptqd.QuantConfig or one of the names {', '.join(map(repr, CONFIGS))}, got {config!r}: "
+        "e.g. ptqd.quantize(pipe, ptqd.W4A8) or ptqd.quantize(pipe, \"W4A8\")"
+    )
 
 
 @dataclass(frozen=True)
@@ -173,8 +191,15 @@ def quantize(
     """
     from ptqd.runs import quantize as quantize_run
 
-    model = as_model(obj, scheduler)
+    config = as_config(config)  # every argument is checked before any work
+    if method not in ("naive", "qdiff", "ptqd"):
+        raise PtqdError(f"method must be naive, qdiff or ptqd, got {method!r}")
+    if isinstance(obj, QuantizedDenoiser) or getattr(obj, "ptqd_run", None) is not None or (
+            _is_pipeline(obj) and isinstance(getattr(obj, _denoiser_key(obj), None), QuantizedDenoiser)):
+        raise PtqdError(f"this {type(obj).__name__} is already quantized by ptqd; quantize the full-precision one "
+                        "(or use ptqd.plan to re-target it to another sampler)")
     p = get_preset(preset)
+    model = as_model(obj, scheduler)
     options = p.options if block_order is None else dataclasses.replace(p.options, block_order=block_order)
     sampler = sampler or default_sampler(model)
     run = quantize_run(
@@ -304,9 +329,37 @@ def save(obj, directory: str | Path, overwrite: bool = False) -> Path:
         "act_bits": "mixed" if "bit_schedule" in record else record.get("act_bits"),
         "fidelity_budget": (record.get("budget") or {}).get("tolerance"),
     }
+    from ptqd.integrity import seal
+
     with atomic_path(Path(directory) / PIPELINE_FILE) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.write_text(json.dumps(seal(info), indent=2) + "\n")  # its own checksum: an edit is refused, not obeyed
     return Path(directory)
+
+
+def read_pipeline_info(directory: Path) -> dict[str, Any]:
+    """``ptqd_pipeline.json`` of a saved pipeline, checked field by field and against its own checksum."""
+    from ptqd.integrity import check_seal
+    from ptqd.validate import check_object, fail, read_json
+
+    f = directory / PIPELINE_FILE
+    fix = "save the pipeline again with ptqd.save (or delete the file to load the checkpoint with its calibration sampler)"
+    info = read_json(f, fix, PIPELINE_SCHEMA)
+    unknown = sorted(set(info) - {k.rstrip("?") for k in PIPELINE_SCHEMA})
+    if unknown:
+        raise fail(f, unknown[0], "is not a field ptqd writes", fix)
+    if not check_seal(info, f, fix):
+        raise fail(f, "manifest_sha256", "is missing (files ptqd saves carry their checksum)", fix)
+    if info["kind"] not in ("pipeline", "denoiser"):
+        raise fail(f, "kind", f"is {info['kind']!r}, not pipeline or denoiser", fix)
+    if info["sampler"] is not None:
+        check_object(info["sampler"], {"scheduler": "str", "steps": "int", "eta": "number", "guidance": "number",
+                                       "seed?": "int", "batch_size?": "int"}, f, fix, "sampler.")
+        try:
+            SamplerConfig(**info["sampler"]).validate()
+        except (TypeError, PtqdError) as e:
+            raise fail(f, "sampler", f"is not a valid sampler setting ({e})", fix) from None
+    info.pop("manifest_sha256", None)
+    return info
 
 
 PIPELINES = ("DDIMPipeline", "DDPMPipeline", "ClassConditionalPipeline")
@@ -321,12 +374,7 @@ def load(directory: str | Path, backend: str = "int"):
     directory = Path(directory)
     run = load_checkpoint(directory, backend)
     info_file = directory / PIPELINE_FILE
-    info: dict[str, Any] = {}
-    if info_file.is_file():
-        try:
-            info = json.loads(info_file.read_text())
-        except json.JSONDecodeError as e:
-            raise PtqdError(f"{info_file} is damaged ({e}); save the pipeline again with ptqd.save") from e
+    info: dict[str, Any] = read_pipeline_info(directory) if info_file.is_file() else {}
     sampler = SamplerConfig(**info["sampler"]) if info.get("sampler") else default_sampler(
         run.base, scheduler=run.config["calibration"].get("scheduler"), steps=run.config["calibration"].get("steps"),
         eta=run.config["calibration"].get("eta"), guidance=run.config["calibration"].get("guidance"),

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. 1.5) of the all-high-bit run's",
     )
     s.add_argument(
-        "--budget-propagation", choices=["measured", "gaussian"], default=D.BUDGET_PROPAGATION,
+        "--budget-propagation", choices=["measured", "gaussian"], default=None,
         help="how the budget predicts each step's share of the final error: measured (quantize that step alone on "
         f"{D.SENSITIVITY_SAMPLES} FP trajectories, cached in the run; default) or gaussian (the statistics' residual "
         "propagated through the sampler linearised around Gaussian data: free, blind to how the model carries early errors)",
@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", type=Path, help="quantization run directory")
     x.add_argument("--out", type=Path, required=True, help="checkpoint directory, e.g. model.ptqd")
     x.add_argument("--overwrite", action="store_true", help="write into an existing directory that is not a ptqd checkpoint")
+
+    u = sub.add_parser(formatter_class=_Help, name="upgrade",
+                       help="give a run directory or checkpoint without an integrity record one, after checking what can be checked")
+    u.add_argument("path", type=Path, help="quantization run directory or exported checkpoint")
+    u.add_argument("--model", default=None, help="where the run's FP model is now, if it moved")
 
     r = sub.add_parser(formatter_class=_Help, name="report", help="plots and a markdown summary of a run's noise statistics")
     r.add_argument("run", type=Path, help="quantization run directory")
@@ -364,6 +369,16 @@ def _run(args: argparse.Namespace) -> int:
         from ptqd.runs import export_run
 
         export_run(args.run, args.out, overwrite=args.overwrite)
+    elif args.command == "upgrade":
+        from ptqd.models import load
+        from ptqd.runs import upgrade
+
+        result = upgrade(args.path, model=load(args.model) if args.model else None)
+        if not result["upgraded"]:
+            print(result["note"])
+        else:
+            err = f" (quantized vs FP relative error {result['relative_error']:.3f} on a fixed input)" if "relative_error" in result else ""
+            print(f"checked {args.path}{err}; wrote its integrity record over {', '.join(result['files'])}")
     elif args.command == "report":
         from ptqd.report import write_report
 
@@ -404,6 +419,14 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
 
     if args.run is None and args.model is None:
         raise PtqdError("give a run directory or checkpoint (ptqd sample RUN), or a full-precision model (--model NAME)")
+    from ptqd import defaults
+
+    if args.budget_propagation is not None and args.fidelity_budget is None:
+        raise PtqdError("--budget-propagation applies to --fidelity-budget: pass a budget, or leave it out")
+    if args.fidelity_budget is not None and args.act_bits not in (None, "mixed"):
+        raise PtqdError(f"--fidelity-budget chooses the activation bits per step, --act-bits {args.act_bits} fixes them: pass one of the two")
+    if args.fidelity_budget is not None and args.criterion is not None:
+        raise PtqdError(f"--fidelity-budget is its own mixed-precision rule, --criterion {args.criterion} another: pass one of the two")
     check_samples_output(args.out, args.overwrite)
     if args.guidance is not None:
         SamplerConfig(guidance=args.guidance).validate()
@@ -431,7 +454,13 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         correct = args.correct if args.correct is not None else ("all" if run.config["method"] == "ptqd" else "none")
         from ptqd.correction import DEFAULT_CRITERION, parse_parts
 
+        if args.correct is not None and args.correct.strip().lower() != "none" and not parse_parts(args.correct, args.correction_model):
+            raise PtqdError(f"--correct {args.correct!r} names no correction: give none, all, or a subset of cnc,bc,vsc")
         correct = ",".join(parse_parts(correct, args.correction_model)) or "none"
+        if args.correction_model is not None and correct == "none":
+            raise PtqdError(f"--correction-model {args.correction_model} needs corrections, but --correct is none"
+                            f"{'' if args.correct is not None else ' (the default for a ' + run.config['method'] + ' run)'}: "
+                            "pass --correct all (or cnc,bc), or leave out --correction-model")
 
         if args.collect_stats:
             from ptqd.runs import ensure_stats
@@ -440,8 +469,9 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
                          progress=not args.no_progress and ctx.main)
 
         plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION,
-                             fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation)
+                             fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation or defaults.BUDGET_PROPAGATION)
         model = plan.model
+        plan.record["fp_model_fingerprint"] = run.config.get("model_fingerprint")  # the FP model: `evaluate --against` checks it
         if getattr(run.qnet, "ptqd_backend", None):
             plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}
         if ctx.main:
@@ -553,6 +583,7 @@ def _distributed(fn, args: argparse.Namespace) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from ptqd.calibration import CalibrationOptions
+    from ptqd.errors import PtqdError
     from ptqd.metrics import format_table
     from ptqd.models import load
     from ptqd.models.adapters import read_prompts
@@ -588,6 +619,10 @@ def _quantize(args: argparse.Namespace) -> None:
 
     def pick(value, default):
         return default if value is None else value
+
+    if pick(args.calib_steps, p["calib_steps"]) > args.steps:
+        raise PtqdError(f"--calib-steps {pick(args.calib_steps, p['calib_steps'])} keeps more steps per trajectory than "
+                        f"--steps {args.steps} has: lower --calib-steps or raise --steps")
 
     options = CalibrationOptions(
         method=args.method,
@@ -642,7 +677,7 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
     ptqd_cfg = run.config.get("correction") or {}
     sampler = SamplerConfig(
         args.scheduler or cal["scheduler"],
-        args.steps or cal["steps"],
+        cal["steps"] if args.steps is None else args.steps,
         cal["eta"] if args.eta is None else args.eta,
         (cal.get("guidance") or 1.0) if args.guidance is None else args.guidance,
         batch_size=args.batch_size,

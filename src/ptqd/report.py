@@ -200,7 +200,8 @@ def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, p
             continue
         import json
 
-        mse = (json.loads(mfile.read_text()).get("metrics") or {}).get("mse")
+        data = json.loads(mfile.read_text())
+        mse = data.get("mse") if isinstance(data, dict) else None  # `ptqd evaluate` writes its metrics at the top level
         if mse is None or not c.get("sampling_bops"):
             continue
         measured.append({"gbops": c["sampling_bops"] / cfg / 1e9, "mse": mse, "label": f.stem, "high": c.get("act_bits") == max(stats.bits)})

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -296,7 +297,7 @@ def save_run(run: QuantizedRun, out: str | Path) -> Path:
     return out
 
 
-def load_run(path: str | Path, model: DiffusionModel | None = None) -> QuantizedRun:
+def load_run(path: str | Path, model: DiffusionModel | None = None, require_record: bool = True) -> QuantizedRun:
     """Rebuild a quantized model from a run directory (the FP model is loaded by name/path unless given).
 
     Every file is checked before use: ``config.json`` and ``summary.json`` field by field,
@@ -309,6 +310,11 @@ def load_run(path: str | Path, model: DiffusionModel | None = None) -> Quantized
         _not_a_run(path)
     if not state_file.is_file():
         raise PtqdError(f"{path} has no quant_state.safetensors: the run did not finish; rerun the same `ptqd quantize`")
+    if require_record and not integrity.has_record(path):
+        raise PtqdError(
+            f"run {path} has no {integrity.RECORD} (an older ptqd made it, or the file was deleted): its files cannot be "
+            f"checked against what ptqd wrote; run `ptqd upgrade {path}` to check what can be checked and write one, or quantize again"
+        )
     config = read_run_config(path)
     fp = model if model is not None else _load_run_model(path, config)
     if fp.fingerprint() != config["model_fingerprint"]:
@@ -580,3 +586,51 @@ def ensure_stats(run: QuantizedRun, sampler: SamplerConfig, correct: str | None 
     if progress:
         print(f"collecting noise statistics for {stats_name(sampler, run.base.conditional)}: {request.num_samples} trajectories")
     return collect_stats(run, request, out=run.path, progress=progress)
+
+
+def upgrade(path: str | Path, model: DiffusionModel | None = None) -> dict[str, Any]:
+    """``ptqd upgrade PATH``: give a run directory or checkpoint without an integrity record one, after
+    checking what can be checked (every field, the quantizer state against the model, finite values,
+    and the quantized network's error against the FP one on a fixed input). Returns what was checked."""
+    from ptqd.locks import output_lock
+    from ptqd.runtime.checkpoint import MANIFEST, is_checkpoint, upgrade_checkpoint
+
+    path = Path(path)
+    if is_checkpoint(path) or (path / MANIFEST).is_file():
+        with output_lock(path, "checkpoint"):
+            return upgrade_checkpoint(path)
+    if not (path / "config.json").is_file():
+        _not_a_run(path)
+    with output_lock(path, "run directory"):
+        if integrity.has_record(path):
+            load_run(path, model)  # verifies every recorded file
+            return {"path": str(path), "upgraded": False, "note": f"{path} already has {integrity.RECORD}; it was checked"}
+        run = load_run(path, model, require_record=False)
+        from ptqd.correction.stats import load_stats
+
+        stats_files = sorted(path.glob("noise_stats_*.safetensors"))
+        for f in stats_files:
+            load_stats(f)  # field and shape checks
+        err = _relative_error(run)
+        if not np.isfinite(err) or err > 1.0:
+            raise PtqdError(
+                f"run {path}: the quantized network's output differs from the FP network's by {err:.2f} of its size on a "
+                "fixed input (worse than predicting zero): its quantizer state is damaged; quantize again (no record was written)"
+            )
+        names = [*RUN_FILES, *[n for f in stats_files for n in (f.name, f.with_suffix(".json").name)]]
+        integrity.record(path, names)
+        return {"path": str(path), "upgraded": True, "relative_error": err, "files": [n for n in names if (path / n).is_file()]}
+
+
+@torch.no_grad()
+def _relative_error(run: QuantizedRun) -> float:
+    """‖ε̂ − ε‖ / ‖ε‖ of the quantized denoiser against the FP one on a fixed noise input at mid-schedule."""
+    fp = run.base
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, fp.channels, fp.image_size, fp.image_size), generator=g).to(_device(fp))
+    y = torch.zeros(2, dtype=torch.long, device=x.device) if fp.conditional else None
+    t = torch.tensor(int(fp.scheduler_config.get("num_train_timesteps", 1000)) // 2)
+    guidance = 1.0
+    e = fp.denoise(x, t, y, guidance)
+    q = fp.denoise(x, t, y, guidance, unet=run.qnet)
+    return float((q - e).norm() / e.norm().clamp_min(1e-12))

@@ -208,6 +208,11 @@ def step_contributions(run, sampler: SamplerConfig, parts, bits: list[int], num:
 
     from ptqd.sampling import default_labels, sample_generators
 
+    if getattr(run, "manifest", None) is not None:  # a checkpoint holds no FP network: its base would be the quantized one
+        raise PtqdError(
+            "the measured fidelity budget needs the FP model as reference, which an exported checkpoint does not hold: "
+            "sample the quantization run directory instead, or pass --budget-propagation gaussian"
+        )
     fp = run.base
     corrector = Corrector(find_stats(run, sampler), parts, bits_at=None, act_bits=bits[0]) if parts else None
     sched = make_scheduler(fp, sampler.scheduler, sampler.steps)
@@ -306,15 +311,14 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: b
         return cache[tag]
     path = Path(run.path) / ("budget_" + Path(stats_name_for(stats)).stem + ".json") if run.path is not None and run.manifest is None else None
     if path is not None and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            for entry in saved.get("entries", []):
-                if entry.get("key") == key:
-                    cache[tag] = {int(b): np.asarray(v) for b, v in entry["contributions"].items()}
-                    run._ptqd_contributions = cache
-                    return cache[tag]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass  # a damaged cache is measured again and rewritten
+        entries, problem = _read_contributions(path, len(stats.timesteps))
+        for entry in entries:
+            if entry["key"] == key:
+                cache[tag] = {int(b): np.asarray(v) for b, v in entry["contributions"].items()}
+                run._ptqd_contributions = cache
+                return cache[tag]
+        if problem and measure:
+            print(f"note: {path} {problem}; measuring the step contributions again (it is a cache)")
     if not measure:
         return None
     contrib = step_contributions(run, sampler, parts, bits, progress=progress)
@@ -323,16 +327,39 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: b
     if path is not None and distributed.context().main:
         from ptqd.io import write_json
 
-        entries = []
-        if path.is_file():
-            try:
-                entries = [e for e in json.loads(path.read_text()).get("entries", []) if e.get("key") != key]
-            except (json.JSONDecodeError, AttributeError):
-                entries = []
+        from ptqd.integrity import seal
+
+        entries = [e for e in _read_contributions(path, len(stats.timesteps))[0] if e["key"] != key] if path.is_file() else []
         entries.append({"key": key, "contributions": {str(b): [float(v) for v in c] for b, c in contrib.items()}})
-        write_json(path, {"what": "per-step MSE to FP caused by quantizing that step alone (ptqd.correction.apply.step_contributions)",
-                          "entries": entries})
+        write_json(path, seal({"what": "per-step MSE to FP caused by quantizing that step alone (ptqd.correction.apply.step_contributions)",
+                               "entries": entries}))
     return contrib
+
+
+def _read_contributions(path: Path, steps: int) -> tuple[list[dict], str | None]:
+    """The valid entries of a budget cache and, when it is damaged or edited, what is wrong with it
+    (then no entry is used: the cache is measured again)."""
+    from ptqd.integrity import SEAL, digest
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [], f"cannot be read ({type(e).__name__})"
+    if not isinstance(saved, dict) or not isinstance(saved.get("entries"), list):
+        return [], "is not a budget cache (field 'entries' must be a list in a JSON object)"
+    if saved.get(SEAL) != digest(saved, SEAL):
+        return [], f"was changed after ptqd wrote it (field {SEAL!r} does not match its content)"
+    good = []
+    for i, e in enumerate(saved["entries"]):
+        c = e.get("contributions") if isinstance(e, dict) else None
+        if not isinstance(c, dict) or not isinstance(e.get("key"), dict):
+            return [], f"field 'entries[{i}]' lacks its key or contributions"
+        for b, v in c.items():
+            ok = isinstance(v, list) and len(v) == steps and all(isinstance(x, (int, float)) and np.isfinite(x) and x >= 0 for x in v)
+            if not ok or not str(b).isdigit():
+                return [], f"field 'entries[{i}].contributions.{b}' must be {steps} finite, non-negative numbers"
+        good.append(e)
+    return good, None
 
 
 def bops_per_bits(run, bits: list[int]) -> dict[int, float]:

@@ -113,6 +113,12 @@ def check_pair(samples, fp, names: tuple[str, str] = ("samples", "FP samples")) 
                 f"with the FP image made from the same seed, label and prompt; sample the FP model with the same "
                 f"--seed, --num, --labels and prompts"
             )
+    ka, kb = (s.config.get("fp_model_fingerprint") or s.config.get("model_fingerprint") for s in (samples, fp))
+    if ka is not None and kb is not None and ka != kb:
+        raise PtqdError(
+            f"{names[0]} and {names[1]} come from different models (FP model fingerprint {ka} vs {kb}): paired metrics "
+            "compare a quantized model with its own FP model; sample that model's FP samples with the same seeds"
+        )
     notes = []
     for f in SAMPLER_FIELDS:
         va, vb = samples.config.get(f), fp.config.get(f)

@@ -412,7 +412,7 @@ def _check_classes(model: DiffusionModel, path: Path, rows: int, table: str) -> 
     """Class ids 0..num_classes-1 and the null class must be rows of the embedding table."""
     if model.num_classes == 0 and model.null_class is None:
         return
-    f = Path(path) / "ptqd_model.json"
+    f = Path(path) / "ptqd_model.json" if path is not None else f"the {model.name} denoiser's config"  # in memory: no file
     if model.num_classes < 0 or model.num_classes > rows or (model.num_classes and model.num_classes >= rows and model.null_class is not None):
         raise PtqdError(f"{f}: field 'num_classes' is {model.num_classes}, but {table} has {rows} rows"
                         f"{' (one of them the null class)' if model.null_class is not None else ''}; fix or delete the file")

@@ -39,7 +39,7 @@ from torch import nn
 
 from ptqd import __version__
 from ptqd.errors import PtqdError
-from ptqd.integrity import check_seal, seal, sha256_file
+from ptqd.integrity import SEAL, check_seal, seal, sha256_file
 from ptqd.io import _fsync as _fsync_path, _temp_prefix, atomic_path, check_space, os_error, check_output, dir_with, process_umask, save_safetensors, write_json
 from ptqd.locks import holds_lock
 from ptqd.models.loading import DiffusionModel
@@ -376,7 +376,7 @@ def _export_stats(run, out: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ load
 
 
-def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+def read_manifest(path: str | Path, verify: bool = True, require_seal: bool = True) -> dict[str, Any]:
     """The checked manifest of checkpoint ``path`` (files' sizes and SHA-256 verified with ``verify``)."""
     path = Path(path)
     mf = path / MANIFEST
@@ -410,8 +410,31 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
                 raise PtqdError(f"checkpoint file {f} is truncated or altered: {size} bytes, the manifest says {info['bytes']}; export it again")
             if sha256_file(f) != info["sha256"]:
                 raise PtqdError(f"checkpoint file {f} is corrupt: SHA-256 checksum mismatch with the manifest; export it again")
-        check_seal(manifest, mf, "undo the edit or export the checkpoint again")  # older manifests have no seal
+        if not check_seal(manifest, mf, "undo the edit or export the checkpoint again") and require_seal:
+            raise PtqdError(
+                f"{mf} has no checksum of its own ({SEAL}; an older ptqd made it, or it was edited): run `ptqd upgrade {path}` "
+                "to check what can be checked and add one, or export the checkpoint again"
+            )
     return manifest
+
+
+def upgrade_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Seal an unsealed checkpoint manifest after checking its files and loading it (see ``ptqd upgrade``)."""
+    path = Path(path)
+    mf = path / MANIFEST
+    manifest = read_manifest(path, verify=True, require_seal=False)
+    if SEAL in manifest:
+        load_checkpoint(path)
+        return {"path": str(path), "upgraded": False, "note": f"{mf} already has its checksum; it was checked"}
+    original = mf.read_bytes()
+    write_json(mf, seal(manifest))
+    try:
+        load_checkpoint(path)  # every field, tensor and geometry check of a normal load
+    except BaseException:
+        with atomic_path(mf) as tmp:
+            tmp.write_bytes(original)
+        raise
+    return {"path": str(path), "upgraded": True, "files": sorted(manifest["files"])}
 
 
 def _tensor(tensors: dict, key: str, path: Path) -> torch.Tensor:
