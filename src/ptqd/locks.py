@@ -40,6 +40,33 @@ def lock_file(output: str | Path) -> Path:
     return lock_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock"
 
 
+def check_lock_dir(directory: Path | None = None) -> Path:
+    """Create the lock directory (0700) or check the existing one: a real directory (not a symlink),
+    owned by this user, that no one else can write to or read; else a PtqdError saying how to fix it."""
+    import stat
+
+    d = directory or lock_dir()
+    fix = f"remove it (rm -rf {d}) so ptqd creates its own, or set TMPDIR to a private directory"
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise PtqdError(f"cannot create the lock directory {d} ({e.strerror or e}); {fix}") from None
+    try:
+        st = os.lstat(d)
+    except OSError as e:
+        raise PtqdError(f"cannot use the lock directory {d} ({e.strerror or e}); {fix}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise PtqdError(f"the lock directory {d} is not a directory (a file or a symbolic link is in its place); {fix}")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PtqdError(f"the lock directory {d} belongs to another user (uid {st.st_uid}), who could hold or break ptqd's locks; {fix}")
+    if st.st_mode & 0o077:
+        raise PtqdError(f"the lock directory {d} can be used by other users (mode {stat.S_IMODE(st.st_mode):o}, ptqd needs 700); "
+                        f"chmod 700 {d}, or {fix}")
+    return d
+
+
 @contextmanager
 def output_lock(output: str | Path, what: str = "output") -> Iterator[None]:
     """Hold the lock of ``output`` for the body; a PtqdError if another process holds it."""
@@ -52,7 +79,7 @@ def output_lock(output: str | Path, what: str = "output") -> Iterator[None]:
         if entry is not None:
             entry[1] += 1
     if entry is None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_lock_dir(path.parent)
         lock = FileLock(str(path), timeout=0)
         try:
             lock.acquire()
@@ -61,6 +88,8 @@ def output_lock(output: str | Path, what: str = "output") -> Iterator[None]:
                 f"{what} {output} is being written by another ptqd process right now (lock {path}); "
                 "wait for it to finish (rerunning the same command then resumes or reuses its result), or choose another --out"
             ) from None
+        except OSError as e:
+            raise PtqdError(f"cannot take the lock {path} of {what} {output} ({e.strerror or e}); remove {path} and rerun") from None
         with _mutex:
             entry = _held[key] = [lock, 1]
     try:
