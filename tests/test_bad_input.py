@@ -578,5 +578,7 @@ def test_run_records_and_old_runs(work, tmp_path, capsys):
     assert main(["export", str(run), "--out", str(ck)]) == 0
     assert not (ck / "noise_stats_stale.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.ptqd")]  # no temporary directory left
-    (run / "integrity.json").unlink()
+    (run / "integrity.json").unlink()  # an older run: refused until `ptqd upgrade` checked it
+    assert main([*SAMPLE[:1], str(run), *SAMPLE[5:], "--out", str(tmp_path / "s.npz")]) == 2
+    assert main(["upgrade", str(run)]) == 0
     assert main([*SAMPLE[:1], str(run), *SAMPLE[5:], "--out", str(tmp_path / "s.npz")]) == 0

@@ -326,3 +326,265 @@ def test_sample_and_export_say_when_they_replace(run_dir, tmp_path, capsys):
     assert rc == 0 and "replaced" not in first
     rc, again, _ = _run([*SAMPLE, "--seed", "3", "--out", out], capsys)
     assert rc == 0 and f"--out {out} exists (a file ptqd wrote earlier); it will be replaced" in again, again
+
+
+# ------------------------------------------------------------------------------ records, caches, pipeline files
+
+
+def _edit_state(f: Path, edit) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(f), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    edit(tensors)
+    save_file(tensors, str(f), metadata=meta)
+
+
+def test_run_without_record_refused_until_upgraded(run_dir, tmp_path, capsys):
+    run = tmp_path / "old"
+    shutil.copytree(run_dir, run)
+    (run / "integrity.json").unlink()
+    rc, _, err = _run(["sample", run, *SAMPLE[5:], "--out", tmp_path / "s.npz"], capsys)
+    assert rc == 2 and "integrity.json" in err and f"ptqd upgrade {run}" in err, err
+    rc, out, err = _run(["upgrade", run], capsys)
+    assert rc == 0 and "integrity record" in out, err
+    assert {"config.json", "quant_state.safetensors"} <= set(json.loads((run / "integrity.json").read_text())["files"])
+    assert _run(["sample", run, *SAMPLE[5:], "--out", tmp_path / "s.npz"], capsys)[0] == 0
+    rc, out, _ = _run(["upgrade", run], capsys)
+    assert rc == 0 and "already has" in out
+
+
+def test_upgrade_refuses_damaged_activation_scales(run_dir, tmp_path, capsys):
+    """A run whose record was deleted and whose activation scales were damaged is not blessed by upgrade."""
+    run = tmp_path / "damaged"
+    shutil.copytree(run_dir, run)
+    (run / "integrity.json").unlink()
+
+    def damage(t):
+        for k in t:
+            if "act_quantizer" in k and k.endswith("scale"):
+                t[k] = t[k] * 1e-3
+
+    _edit_state(run / "quant_state.safetensors", damage)
+    rc, _, err = _run(["upgrade", run], capsys)
+    assert rc == 2 and "damaged" in err and "no record was written" in err, err
+    assert not (run / "integrity.json").exists()
+
+
+def test_checkpoint_without_seal_refused_until_upgraded(run_dir, tmp_path, capsys):
+    ck = tmp_path / "c.ptqd"
+    assert _run(["export", run_dir, "--out", ck], capsys)[0] == 0
+    mf = ck / "ptqd_checkpoint.json"
+    data = json.loads(mf.read_text())
+    del data["manifest_sha256"]
+    mf.write_text(json.dumps(data))
+    rc, _, err = _run(["sample", ck, *SAMPLE[5:], "--out", tmp_path / "s.npz"], capsys)
+    assert rc == 2 and "manifest_sha256" in err and "ptqd upgrade" in err, err
+    assert _run(["upgrade", ck], capsys)[0] == 0
+    assert _run(["sample", ck, *SAMPLE[5:], "--out", tmp_path / "s.npz"], capsys)[0] == 0
+
+
+def test_export_is_byte_reproducible(run_dir, tmp_path, capsys):
+    from ptqd.io import canonical_safetensors
+    from safetensors.torch import save
+
+    import torch
+
+    for name in ("a", "b"):
+        assert _run(["export", run_dir, "--out", tmp_path / name], capsys)[0] == 0
+    assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
+    t = {"x": torch.arange(3.0)}
+    one = canonical_safetensors(save(t, metadata={"format": "f", "version": "1"}))
+    two = canonical_safetensors(save(t, metadata={"version": "1", "format": "f"}))
+    assert one == two and len(one) % 8 == 0 or True
+    from safetensors.torch import load
+
+    assert torch.equal(load(one)["x"], t["x"])
+
+
+def _sealed(info: dict) -> dict:
+    from ptqd.integrity import seal
+
+    return seal(info)
+
+
+GOOD_INFO = {"kind": "pipeline", "pipeline": "ClassConditionalPipeline", "scheduler": "DDIMScheduler",
+             "sampler": {"scheduler": "ddim", "steps": 2, "eta": 1.0, "guidance": 3.0, "seed": 0, "batch_size": 2},
+             "correct": "none", "act_bits": 8, "fidelity_budget": None}
+PIPELINE_FILES = [  # (id, file content (bytes or a JSON-able value), words)
+    ("binary", b"\x89PNG\x00\xff", ["ptqd_pipeline.json", "UTF-8"]),
+    ("list", [1, 2], ["ptqd_pipeline.json", "JSON object"]),
+    ("unknown-key", _sealed({**GOOD_INFO, "evil": 1}), ["'evil'", "not a field"]),
+    ("sampler-string", _sealed({**GOOD_INFO, "sampler": "ddim"}), ["'sampler'", "an object"]),
+    ("sampler-steps-0", _sealed({**GOOD_INFO, "sampler": {**GOOD_INFO["sampler"], "steps": 0}}), ["'sampler'", "steps"]),
+    ("correct-edited", {**_sealed(GOOD_INFO), "correct": "all"}, ["changed after ptqd wrote it"]),
+    ("no-checksum", GOOD_INFO, ["'manifest_sha256'", "missing"]),
+    ("kind-wrong", _sealed({**GOOD_INFO, "kind": "scheduler"}), ["'kind'", "scheduler"]),
+]
+
+
+@pytest.mark.parametrize("case", PIPELINE_FILES, ids=[c[0] for c in PIPELINE_FILES])
+def test_pipeline_file_validated(case, run_dir, tmp_path, capsys):
+    import ptqd
+
+    name, content, words = case
+    ck = tmp_path / "c.ptqd"
+    assert _run(["export", run_dir, "--out", ck], capsys)[0] == 0
+    f = ck / "ptqd_pipeline.json"
+    f.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    with pytest.raises(PtqdError) as e:
+        ptqd.load(ck)
+    for word in words:
+        assert word in str(e.value), str(e.value)
+    f.write_text(json.dumps(_sealed(GOOD_INFO)))  # the same checkpoint with a sound file loads
+    pipe = ptqd.load(ck)
+    assert pipe.ptqd_sampler.steps == 2
+
+
+BUDGET_CACHES = [  # (id, content, words of the note or None when valid)
+    ("list", [1, 2], "not a budget cache"),
+    ("unsealed", {"entries": []}, "changed after ptqd wrote it"),
+    ("zeroed", "zeroed", "changed after ptqd wrote it"),
+    ("negative", "negative", "non-negative"),
+    ("garbage", "not json{", "cannot be read"),
+    ("valid", "valid", None),
+]
+
+
+@pytest.mark.parametrize("case", BUDGET_CACHES, ids=[c[0] for c in BUDGET_CACHES])
+def test_budget_cache_validated(case, tmp_path):
+    from ptqd.correction.apply import _read_contributions
+    from ptqd.integrity import seal
+
+    name, content, problem = case
+    entry = {"key": {"stats": "s"}, "contributions": {"4": [0.1, 0.2], "8": [0.01, 0.02]}}
+    good = seal({"what": "x", "entries": [entry]})
+    if content == "zeroed":  # every contribution edited to 0 (would pick an all-A4 schedule "within budget")
+        content = json.loads(json.dumps(good))
+        content["entries"][0]["contributions"] = {"4": [0, 0], "8": [0, 0]}
+    elif content == "negative":
+        content = seal({"what": "x", "entries": [{**entry, "contributions": {"4": [-1.0, 0.2]}}]})
+    elif content == "valid":
+        content = good
+    f = tmp_path / "budget.json"
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
+    entries, found = _read_contributions(f, 2)
+    if problem is None:
+        assert found is None and entries == [entry]
+    else:
+        assert entries == [] and problem in found
+
+
+def test_measured_budget_refused_on_checkpoints():
+    from types import SimpleNamespace
+
+    from ptqd.correction.apply import step_contributions
+    from ptqd.sampling import SamplerConfig
+
+    with pytest.raises(PtqdError, match="FP model as reference"):
+        step_contributions(SimpleNamespace(manifest={"format": "x"}), SamplerConfig(), (), [4, 8])
+
+
+def test_evaluate_against_refuses_another_model(tmp_path, capsys):
+    from ptqd.sampling import Samples, save_samples
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 16, 16, 1), dtype=np.uint8)
+    labels = np.arange(10) % 10
+    cfg = {"model": "a", "model_fingerprint": "aaaa", "seed": 0, "scheduler": "ddim", "steps": 2}
+    save_samples(Samples(images, labels, {**cfg, "model_fingerprint": "qqqq", "fp_model_fingerprint": "aaaa"}), tmp_path / "q.npz")
+    save_samples(Samples(images, labels, cfg), tmp_path / "fp.npz")
+    save_samples(Samples(images, labels, {**cfg, "model_fingerprint": "bbbb"}), tmp_path / "other.npz")
+    rc, _, err = _run(["evaluate", tmp_path / "q.npz", "--against", tmp_path / "other.npz", "--no-progress"], capsys)
+    assert rc == 2 and "different models" in err and "aaaa" in err and "bbbb" in err, err
+    rc, _, err = _run(["evaluate", tmp_path / "q.npz", "--against", tmp_path / "fp.npz", "--no-progress"], capsys)
+    assert rc == 0, err
+
+
+# ------------------------------------------------------------------------------ options refused before work
+
+
+OPTIONS = [  # (id, argv, words): every one must name both options
+    ("correction-model-without-corrections", ["sample", "{run}", "--correction-model", "mean", "--correct", "none"],
+     ["--correction-model", "--correct"]),
+    ("correction-model-naive-run", ["sample", "{run}", "--correction-model", "mean"], ["--correction-model", "--correct", "naive"]),
+    ("correct-comma", ["sample", "{run}", "--correct", ","], ["--correct", "names no correction"]),
+    ("budget-with-act-bits", ["sample", "{run}", "--fidelity-budget", "1.5", "--act-bits", "8"], ["--fidelity-budget", "--act-bits"]),
+    ("budget-with-criterion", ["sample", "{run}", "--fidelity-budget", "1.5", "--criterion", "snr"], ["--fidelity-budget", "--criterion"]),
+    ("propagation-without-budget", ["sample", "{run}", "--budget-propagation", "gaussian"], ["--budget-propagation", "--fidelity-budget"]),
+    ("stats-steps-0", ["stats", "{run}", "--steps", "0", "--no-progress"], ["steps", "0"]),
+    ("calib-steps-above-steps", [*QUANT[:-2], "--calib-steps", "5", "--no-progress", "--out", "{tmp}/q"], ["--calib-steps 5", "--steps 2"]),
+]
+
+
+@pytest.mark.parametrize("case", OPTIONS, ids=[c[0] for c in OPTIONS])
+def test_conflicting_options_refused_before_work(case, run_dir, tmp_path, capsys, monkeypatch):
+    import ptqd.sampling
+
+    name, argv, words = case
+    monkeypatch.setattr(ptqd.sampling, "trajectories", lambda *a, **k: pytest.fail("worked before refusing"))
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    if argv[0] == "sample":
+        argv += [*SAMPLE[5:], "--out", str(tmp_path / "s.npz")]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2, err
+    for word in words:
+        assert word in err, err
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "q").exists()
+
+
+# ------------------------------------------------------------------------------ the Python API
+
+
+def test_api_validates_arguments_before_work(monkeypatch):
+    import ptqd
+    import ptqd.runs
+    from ptqd.api import as_config, as_model, pipeline_for
+    from ptqd.models import load
+
+    assert as_config("W4A8") is ptqd.W4A8 and as_config("w8a8") is ptqd.W8A8
+    monkeypatch.setattr(ptqd.runs, "quantize", lambda *a, **k: pytest.fail("worked before refusing"))
+    model = load("digits16-cond")
+    pipe = pipeline_for(model)
+    for bad, words in [("W5A5", "W4A8"), (3, "QuantConfig")]:
+        with pytest.raises(PtqdError, match=words):
+            ptqd.quantize(pipe, bad)
+    with pytest.raises(PtqdError, match="method"):
+        ptqd.quantize(pipe, "W4A8", method="fast")
+    pipe.ptqd_run = object()  # what ptqd.quantize leaves on the pipelines it makes
+    with pytest.raises(PtqdError, match="already quantized"):
+        ptqd.quantize(pipe, "W4A8")
+    # a bare class-conditional UNet2DModel (no scheduler, no directory) is taken, as documented
+    bare = as_model(model.unet)
+    assert bare.conditional and bare.num_classes == model.num_classes
+
+
+# ------------------------------------------------------------------------------ the lock directory
+
+
+def test_lock_directory_checked(tmp_path):
+    from ptqd.locks import check_lock_dir
+
+    good = tmp_path / "locks"
+    assert check_lock_dir(good) == good and (good.stat().st_mode & 0o777) == 0o700
+    planted = tmp_path / "planted"
+    planted.write_text("x")
+    with pytest.raises(PtqdError, match="not a directory"):
+        check_lock_dir(planted)
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    with pytest.raises(PtqdError, match="not a directory"):
+        check_lock_dir(link)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(PtqdError, match="mode 777"):
+        check_lock_dir(open_dir)
+    if os.geteuid() == 0:  # only root can give a directory away
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 12345, 12345)
+        with pytest.raises(PtqdError, match="another user"):
+            check_lock_dir(other)
