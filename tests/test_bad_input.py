@@ -324,12 +324,15 @@ CASES = [
             ("rq_nan", ["rq_nan/quant_state.safetensors", ".scale", "NaN"]),
             ("rq_act", ["rq_act/quant_state.safetensors", "changed after ptqd wrote it"]),
             ("rq_w4", ["rq_w4/quant_state.safetensors", "another run", "'quant.weight_bits' is 4", "8 in config.json"]),
-            ("rq_w4_nometa", ["rq_w4_nometa/quant_state.safetensors", ".scale", "does not fit", "8-bit"]),
+            ("rq_w4_nometa", ["rq_w4_nometa", "no integrity.json", "ptqd upgrade"]),
             ("ps_meta", [f"ps_meta/{STATS_FILE}", "ptqd_noise_stats", "not valid JSON"]),
             ("ps_type", [f"ps_type/{STATS_FILE}", "'steps'", "an integer"]),
             ("ps_len", [f"ps_len/{STATS_FILE}", "'k'", "shape"]),
         ]
     ],
+    # an older run (no record): `ptqd upgrade` checks what it can and refuses the damage
+    ("upgrade-old-run-damaged-state", ["upgrade", "{w}/rq_w4_nometa"], 2,
+     ["rq_w4_nometa/quant_state.safetensors", ".scale", "does not fit", "8-bit"]),
     ("stats-run-damaged-state", ["stats", "{w}/rq_x100", "--noise-samples", "2", "--no-progress"], 2, ["rq_x100/quant_state", "scale"]),
     ("export-run-damaged-config", ["export", "{w}/rc_guidance", "--out", "{w}/x.ptqd"], 2, ["rc_guidance/config.json", "guidance"]),
     ("quantize-into-damaged-config", [*QUANT, "--out", "{w}/rc_notjson"], 2, ["rc_notjson/config.json", "not valid JSON"]),

@@ -501,6 +501,11 @@ def test_evaluate_against_refuses_another_model(tmp_path, capsys):
     assert rc == 2 and "different models" in err and "aaaa" in err and "bbbb" in err, err
     rc, _, err = _run(["evaluate", tmp_path / "q.npz", "--against", tmp_path / "fp.npz", "--no-progress"], capsys)
     assert rc == 0, err
+    # the report's budget curve reads the measured MSE where evaluate writes it (it used to look under "metrics")
+    from ptqd.report import read_mse
+
+    written = json.loads((tmp_path / "q.metrics.json").read_text())
+    assert read_mse(tmp_path / "q.metrics.json") == written["mse"] == 0.0
 
 
 # ------------------------------------------------------------------------------ options refused before work

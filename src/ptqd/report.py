@@ -198,10 +198,7 @@ def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, p
         c = load_samples(f).config
         if (c.get("steps"), c.get("scheduler")) != (sampler.steps, sampler.scheduler) or tuple(c.get("correction") or ()) != parts:
             continue
-        import json
-
-        data = json.loads(mfile.read_text())
-        mse = data.get("mse") if isinstance(data, dict) else None  # `ptqd evaluate` writes its metrics at the top level
+        mse = read_mse(mfile)
         if mse is None or not c.get("sampling_bops"):
             continue
         measured.append({"gbops": c["sampling_bops"] / cfg / 1e9, "mse": mse, "label": f.stem, "high": c.get("act_bits") == max(stats.bits)})
@@ -219,6 +216,18 @@ def _budget_section(run, stats: NoiseStats, sampler, run_dir: Path, out: Path, p
         "",
     ]
     return lines, png
+
+
+def read_mse(metrics_file: Path) -> float | None:
+    """The paired MSE to FP in a metrics file of `ptqd evaluate --against` (its metrics are at the top level)."""
+    import json
+
+    try:
+        data = json.loads(Path(metrics_file).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    mse = data.get("mse") if isinstance(data, dict) else None
+    return float(mse) if isinstance(mse, (int, float)) and not isinstance(mse, bool) else None
 
 
 def _title(stats: NoiseStats) -> str:
