@@ -593,3 +593,11 @@ def test_lock_directory_checked(tmp_path):
         os.chown(other, 12345, 12345)
         with pytest.raises(PtqdError, match="another user"):
             check_lock_dir(other)
+
+
+def test_recon_samples_beyond_inputs_said(tmp_path, capsys):
+    rc, out, err = _run(["quantize", "--model", "digits16-cond", "--method", "qdiff", "--calib-samples", "2", "--calib-steps", "2",
+                         "--steps", "2", "--weight-iters", "0", "--act-iters", "0", "--recon-samples", "1000", "--no-progress",
+                         "--out", tmp_path / "q"], capsys)
+    assert rc == 0, err
+    assert "--recon-samples 1000 is more than the" in out and "uses all" in out, out

@@ -359,6 +359,9 @@ def calibrate(
     x, t, y = calib.network_inputs(model.null_class)
     check_finite(x, f"calibration: the calibration inputs ({calib.meta.get('model', 'calibration data')})")
     all_inputs = (x, t, y)
+    if opts.recon_samples > len(x) and opts.method != "naive":  # a shorthand for "all of them": said, not silent
+        print(f"note: --recon-samples {opts.recon_samples} is more than the {len(x)} calibration inputs; "
+              f"block reconstruction uses all {len(x)}")
     pick = torch.randperm(len(x), generator=gen)[: opts.recon_samples]
     recon_inputs = (x[pick], t[pick], y[pick] if y is not None else None)
     summary: dict[str, Any] = {"options": asdict(opts), "network_inputs": len(x), "seconds": {}}
