@@ -299,6 +299,11 @@ def test_version_1_checkpoints_still_load(checkpoint, tmp_path):
         del m[key]
     del m["model"]["prompts"]
     (ck / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(PtqdError, match="ptqd upgrade"):  # no checksum: refused until `ptqd upgrade` checked it
+        load_checkpoint(ck, "fake")
+    from ptqd.runtime.checkpoint import upgrade_checkpoint
+
+    assert upgrade_checkpoint(ck)["upgraded"]
     x, y = torch.randn(2, 1, 16, 16), torch.arange(2)
     old, new = load_checkpoint(ck, "fake").model, load_checkpoint(checkpoint, "fake").model
     assert old.describe()["kind"] == "unet" and old.decoder is None
