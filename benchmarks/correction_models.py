@@ -88,12 +88,23 @@ ROWS = {  # in the order they are sampled: the most telling first
     "qdebias_w4a8": ("W4A8 q-driven", "debias, statistics on quantized trajectories", "w4q", "cnc,bc", 8, "debias", None),
     "qdiff_w4a4_fwd": ("W4A4 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 4, None, None),
     "qdiff_w4a8_fwd": ("W4A8 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 8, None, None),
+    "gptqd_w4a4": ("W4A4", "PTQD (CNC+BC+VSC), guarded", "w4", "all", 4, None, None),
+    "gdebias_w4a4": ("W4A4", "debias, guarded", "w4", "cnc,bc", 4, "debias", None),
+    "posterior_w4a4": ("W4A4", "posterior (τ=10)", "w4", "cnc,bc", 4, "posterior", None),
+    "gposterior_w4a4": ("W4A4", "posterior (τ=10), guarded", "w4", "cnc,bc", 4, "posterior", None),
+    "gcontent_w4a4": ("W4A4", "content, guarded", "w4", "cnc,bc", 4, "content", None),
+    "gptqd_w4a8": ("W4A8", "PTQD (CNC+BC+VSC), guarded", "w4", "all", 8, None, None),
+    "gdebias_w4a8": ("W4A8", "debias, guarded", "w4", "cnc,bc", 8, "debias", None),
+    "posterior_w4a8": ("W4A8", "posterior (τ=10)", "w4", "cnc,bc", 8, "posterior", None),
+    "gposterior_w4a8": ("W4A8", "posterior (τ=10), guarded", "w4", "cnc,bc", 8, "posterior", None),
     "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
     "ptqd_w8a8": ("W8A8", "PTQD", "w8", "all", 8, None, None),
     "content_w8a8": ("W8A8", "content", "w8", "cnc,bc", 8, "content", None),
     "mean_w8a8": ("W8A8", "mean", "w8", "cnc,bc", 8, "mean", None),
 }
 DEFAULT_ROWS = ",".join(ROWS)
+# rows sampled with the final-sample guard (ptqd.correction.guard); every other row applies its correction as it is
+GUARDED = {k for k in ROWS if k.startswith("g") and not k.startswith("gbudget")}
 # paired PSNR differences reported: (a, b) on the same images
 COMPARISONS = [
     ("ptqd_w8a8", "qdiff_w8a8"), ("content_w8a8", "qdiff_w8a8"), ("mean_w8a8", "qdiff_w8a8"),
@@ -106,6 +117,10 @@ COMPARISONS = [
     ("qptqd_w4a4", "qdiff_w4a4"), ("qcnc_w4a4", "qdiff_w4a4"), ("qmean_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "qdiff_w4a4"),
     ("qdebias_w4a4", "qdiff_w4a4"), ("qpixel_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "content_w4a4"),
     ("qcontent_w4a8", "qdiff_w4a8"), ("qdebias_w4a8", "qdiff_w4a8"),
+    ("gptqd_w4a4", "qdiff_w4a4"), ("gdebias_w4a4", "qdiff_w4a4"), ("posterior_w4a4", "qdiff_w4a4"), ("gposterior_w4a4", "qdiff_w4a4"),
+    ("gcontent_w4a4", "qdiff_w4a4"), ("gptqd_w4a4", "ptqd_w4a4"),
+    ("gptqd_w4a8", "qdiff_w4a8"), ("gdebias_w4a8", "qdiff_w4a8"), ("posterior_w4a8", "qdiff_w4a8"), ("gposterior_w4a8", "qdiff_w4a8"),
+    ("gptqd_w4a8", "ptqd_w4a8"),
 ]
 
 
@@ -186,9 +201,14 @@ def sample_all(args) -> None:
                 if (correct != "none" or bits == "mixed") and run_name != "w4q":
                     ensure_stats(run, dataclasses.replace(sampler, seed=0), "all", "mixed" if run_name != "w8" else None, progress=False)
                 propagation, tol = budget if isinstance(budget, tuple) else ("measured", budget)
-                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=tol, budget_propagation=propagation)
+                t1 = time.perf_counter()
+                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=tol, budget_propagation=propagation,
+                                     guard=key in GUARDED)
+                plan_seconds = time.perf_counter() - t1  # the guard's calibration (once per row: cached in the run directory)
+                t0 = time.perf_counter()
                 s = sample(plan.model, args.num, sampler, progress=False, denoise=plan.denoise, corrector=plan.corrector)
                 s.config.update(plan.record)
+                s.config["benchmark_plan_seconds"] = round(plan_seconds, 1)
             s.config["benchmark"] = {"row": path.stem, "seconds": round(time.perf_counter() - t0, 1)}
             save_samples(s, path)
             print(f"{path.name}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -240,7 +260,8 @@ def evaluate_all(args) -> None:
                 "key": key, "setting": setting, "method": label, "seed": seed, "num": len(s.images),
                 "bit_schedule": s.config.get("bit_schedule"), "budget": s.config.get("budget"),
                 "gbops_sampling": (s.config.get("sampling_bops") or 0) / 1e9 or None,
-                "sample_seconds": s.config.get("benchmark", {}).get("seconds"), **m,
+                "sample_seconds": s.config.get("benchmark", {}).get("seconds"), "guard": s.config.get("guard"),
+                "plan_seconds": s.config.get("benchmark_plan_seconds"), **m,
             })
             print(f"{key} seed {seed}: psnr {m['psnr']:.2f} mse {m['mse'] * 1e3:.3f}e-3 fd_fp {m.get('fd_fp', float('nan')):.2f}", flush=True)
     diffs = []
@@ -304,6 +325,14 @@ def write_table(args, meta, results, diffs, r2) -> None:
                 continue
             r2_lines.append(f"| {where} | {model} | {h['mean']:.3f} | " + " | ".join(f"{x:.3f}" for x in h["thirds"]) + f" | {f['mean']:.3f} |")
     schedules = sorted({(r["method"], r["bit_schedule"], json.dumps(r["budget"])) for r in results if r.get("bit_schedule")})
+    guards = {}
+    for r in results:
+        if r.get("guard") and r["key"] not in guards:
+            g = r["guard"]
+            guards[r["key"]] = (f"- {r['setting']} {r['method']}: {g['chosen']}, λ per block " + ", ".join(
+                f"t {a}→{b}: {v:.2f}" for (a, b), v in zip(g["blocks"], g["lambda"])) + f" (fitted: {', '.join(f'{v:.2f}' for v in g['lambda_fit'])}); "
+                f"calibration MSE to FP ({g['num']} trajectories of seed {g['seed']}) none {g['mse']['none']:.3g}, full {g['mse']['full']:.3g}, "
+                f"fitted {g['mse']['fit']:.3g}; guard fitted in {r.get('plan_seconds') or 0:.0f} s")
     n = results[0]["num"] if results else 0
     text = "\n".join([
         f"# Correction models on {args.model} ({args.protocol})",
@@ -329,6 +358,10 @@ def write_table(args, meta, results, diffs, r2) -> None:
         "steps), on held-out trajectories (seed 2001) and in-sample (seed 2000):",
         "",
         *r2_lines,
+        "",
+        "Final-sample guard (λ per block of steps, chosen on the calibration trajectories; seeds 0/1 never used there):",
+        "",
+        *guards.values(),
         "",
         "Bit schedules:",
         "",

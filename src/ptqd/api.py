@@ -155,6 +155,7 @@ def quantize(
     fidelity_budget: float | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    guard: bool = defaults.GUARD,
 ):
     """Quantize ``obj`` and give back the same kind: a pipeline (its denoiser swapped for a
     :class:`QuantizedDenoiser`, its scheduler for a :class:`PTQDScheduler` when corrections apply), a
@@ -169,7 +170,9 @@ def quantize(
     ``ptqd`` (default), ``mean``, ``content`` or ``content-pixel`` (:mod:`ptqd.correction.models`).
     ``fidelity_budget``: mixed precision by the budgeted criterion (the cheapest bit schedule whose
     predicted MSE to FP stays within that factor of the all-high-bit run's). ``out``: also write a
-    run directory (a cache: the object returned is complete without it).
+    run directory (a cache: the object returned is complete without it). ``guard`` (default on): each
+    correction is blended per block of steps by its measured effect on the final samples, never worse
+    than none on its calibration trajectories (:mod:`ptqd.correction.guard`); False: the paper's PTQD as it is.
     """
     from ptqd.runs import quantize as quantize_run
 
@@ -182,7 +185,7 @@ def quantize(
         noise_samples=p.noise_samples if method == "ptqd" else 0, mixed_precision=mixed_precision, forward_loop=forward_loop,
     )
     template = obj if (_is_pipeline(obj) or not isinstance(obj, (str, Path, DiffusionModel))) else None
-    return _assemble(template, run, sampler, correct, act_bits, correction_model, fidelity_budget)
+    return _assemble(template, run, sampler, correct, act_bits, correction_model, fidelity_budget, guard)
 
 
 def run_of(obj) -> QuantizedRun:
@@ -198,7 +201,7 @@ def run_of(obj) -> QuantizedRun:
 def plan(obj, sampler: SamplerConfig | None = None, *, steps: int | None = None, eta: float | None = None,
          guidance: float | None = None, scheduler: str | None = None, correct: str | None = None,
          act_bits: int | str | None = None, correction_model: str | None = None, fidelity_budget: float | None = None,
-         collect: bool = True, progress: bool = True):
+         collect: bool = True, progress: bool = True, guard: bool = defaults.GUARD):
     """The same quantized pipeline (or denoiser) made for another sampler, correction or bit schedule
     (``correction_model``, ``fidelity_budget`` as in :func:`quantize`): its noise statistics are
     collected first when ``collect`` (the default; they need the FP model) and none are held."""
@@ -218,7 +221,7 @@ def plan(obj, sampler: SamplerConfig | None = None, *, steps: int | None = None,
         )
         stats = collect_stats(run, request, out=run.path if run.manifest is None else None, progress=progress)
         run.stats = [s for s in _held(run) if stats_name_for(s) != stats_name_for(stats)] + [stats]
-    return _assemble(obj, run, sampler, correct, act_bits, correction_model, fidelity_budget)
+    return _assemble(obj, run, sampler, correct, act_bits, correction_model, fidelity_budget, guard)
 
 
 def _held(run) -> list:
@@ -238,13 +241,13 @@ def _has_stats(run, sampler) -> bool:
 
 
 def _assemble(template, run: QuantizedRun, sampler: SamplerConfig, correct: str | None, act_bits,
-              correction_model: str | None = None, fidelity_budget: float | None = None):
+              correction_model: str | None = None, fidelity_budget: float | None = None, guard: bool = defaults.GUARD):
     """The object :func:`quantize` / :func:`load` / :func:`plan` return, planned for ``sampler``: a
     denoiser when ``template`` is a denoiser, else a pipeline (``template``'s class and components, or
     the one ptqd builds for the model)."""
     if correct is None:
         correct = "all" if run.config.get("method") == "ptqd" else "none"
-    sp = plan_sampling(run, sampler, correct, act_bits, model=correction_model, fidelity_budget=fidelity_budget)
+    sp = plan_sampling(run, sampler, correct, act_bits, model=correction_model, fidelity_budget=fidelity_budget, guard=guard)
     denoiser = sp.denoiser
     denoiser.ptqd_run, denoiser.ptqd_sampler, denoiser.ptqd_record = run, sampler, sp.record
     if template is not None and not _is_pipeline(template):
@@ -278,7 +281,7 @@ def corrected_scheduler(denoiser: QuantizedDenoiser, scheduler):
     run, sampler = run_of(denoiser), denoiser.ptqd_sampler
     record = denoiser.ptqd_record
     sp = plan_sampling(run, sampler, record.get("correction") or "none", "mixed" if "bit_schedule" in record else record.get("act_bits"),
-                       fidelity_budget=(record.get("budget") or {}).get("tolerance"))
+                       fidelity_budget=(record.get("budget") or {}).get("tolerance"), guard=record.get("guard", defaults.GUARD) is not None)
     if sp.corrector is None:
         return scheduler
     return PTQDScheduler(scheduler, sp.corrector, sampler)
