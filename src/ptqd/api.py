@@ -306,6 +306,7 @@ def save(obj, directory: str | Path, overwrite: bool = False) -> Path:
         "correct": ",".join(record.get("correction") or []) or "none",
         "act_bits": "mixed" if "bit_schedule" in record else record.get("act_bits"),
         "fidelity_budget": (record.get("budget") or {}).get("tolerance"),
+        "guard": record.get("guard", defaults.GUARD) is not None,
     }
     with atomic_path(Path(directory) / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -335,8 +336,9 @@ def load(directory: str | Path, backend: str = "int"):
         eta=run.config["calibration"].get("eta"), guidance=run.config["calibration"].get("guidance"),
     )
     correct, act_bits, budget = info.get("correct"), info.get("act_bits"), info.get("fidelity_budget")
+    guard = bool(info.get("guard", defaults.GUARD))
     if info.get("kind") == "denoiser":
-        return _assemble(QuantizedDenoiser(run.qnet), run, sampler, correct, act_bits, fidelity_budget=budget)
+        return _assemble(QuantizedDenoiser(run.qnet), run, sampler, correct, act_bits, fidelity_budget=budget, guard=guard)
     if info.get("pipeline") not in (None, *PIPELINES):
         raise PtqdError(f"{info_file}: pipeline {info['pipeline']!r} is not one ptqd rebuilds ({', '.join(PIPELINES)})")
-    return _assemble(None, run, sampler, correct, act_bits, fidelity_budget=budget)
+    return _assemble(None, run, sampler, correct, act_bits, fidelity_budget=budget, guard=guard)
