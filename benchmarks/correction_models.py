@@ -19,6 +19,12 @@ OUT/results_<protocol>.{json,md}: per row the paired metrics to FP of the same s
 FD→FP against its floor (FP of the other seed), FD/sFD/precision/recall to the real digits (decoded
 images for the latent model), GBOPs, per-image paired PSNR differences with 95 % intervals, and from the
 statistics the held-out R² per step of every correction model next to its in-sample value.
+
+Rows whose key starts with ``g`` (``gptqd_w4a4``, ``gdebias_w4a4``, ``gposterior_w4a4``, …) sample with the
+final-sample guard (:mod:`ptqd.correction.guard`: λ per block of steps fitted on 32 trajectories of seed
+2002, cached in the run directory; its fitting time is recorded per row); every other row applies its
+correction as it is (the guard off, the paper's PTQD for ``ptqd_*``). ``--results-name`` names the
+results files (default ``results_PROTOCOL``).
 """
 
 from __future__ import annotations
@@ -284,7 +290,7 @@ def evaluate_all(args) -> None:
         "sampler": f"DDIM {steps} steps, eta {eta:g}, guidance {guidance:g}, labels 0..9 cycled",
     }
     r2 = r2_summary(args)
-    write_json(args.out / f"results_{args.protocol}.json", {**meta, "rows": results, "paired_differences": diffs, "r2": r2})
+    write_json(args.out / f"{args.results_name or 'results_' + args.protocol}.json", {**meta, "rows": results, "paired_differences": diffs, "r2": r2})
     write_table(args, meta, results, diffs, r2)
     if any(r["key"] in ("qdiff_budget", "qdiff_gbudget") for r in results):
         plot_budget(args, results)
@@ -369,7 +375,7 @@ def write_table(args, meta, results, diffs, r2) -> None:
           for m, s, b in schedules],
         "",
     ])
-    (args.out / f"results_{args.protocol}.md").write_text(text)
+    (args.out / f"{args.results_name or 'results_' + args.protocol}.md").write_text(text)
     print(text)
 
 
@@ -400,7 +406,8 @@ def plot_budget(args, results) -> None:
 
 def _argline(args) -> str:
     return (f"--model {args.model} --protocol {args.protocol} --num {args.num} --seeds {','.join(map(str, args.seeds))} "
-            f"--calibration {args.calibration} --rows {args.rows}")
+            f"--calibration {args.calibration} --noise-samples {args.noise_samples} --rows {args.rows}"
+            + (f" --results-name {args.results_name}" if args.results_name else ""))
 
 
 def main() -> None:
@@ -414,6 +421,7 @@ def main() -> None:
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--noise-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--results-name", default=None, help="evaluate: results file name without suffix (default results_PROTOCOL)")
     p.add_argument("--calibration", choices=["full", "light"], default="full",
                    help="full: the library's default calibration; light: 512 inputs, 100/50 iterations (as the demo)")
     args = p.parse_args()

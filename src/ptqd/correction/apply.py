@@ -539,6 +539,7 @@ def plan_sampling(
             record["guard"] = {k: v for k, v in g.items() if k != "blend"}
         else:
             record["guard"] = None
+            corrector.vsc_mode = "official"  # no guard applied: the paper's PTQD exactly
             if guard:
                 record["notes"].append("the correction is not guarded: an exported checkpoint has no FP model to measure the final "
                                        "samples against, and none fitted in its run travelled with it (sample the run directory once "
