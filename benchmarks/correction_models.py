@@ -19,6 +19,12 @@ OUT/results_<protocol>.{json,md}: per row the paired metrics to FP of the same s
 FD→FP against its floor (FP of the other seed), FD/sFD/precision/recall to the real digits (decoded
 images for the latent model), GBOPs, per-image paired PSNR differences with 95 % intervals, and from the
 statistics the held-out R² per step of every correction model next to its in-sample value.
+
+Rows whose key starts with ``g`` (``gptqd_w4a4``, ``gdebias_w4a4``, ``gposterior_w4a4``, …) sample with the
+final-sample guard (:mod:`ptqd.correction.guard`: λ per block of steps fitted on 32 trajectories of seed
+2002, cached in the run directory; its fitting time is recorded per row); every other row applies its
+correction as it is (the guard off, the paper's PTQD for ``ptqd_*``). ``--results-name`` names the
+results files (default ``results_PROTOCOL``).
 """
 
 from __future__ import annotations
@@ -88,12 +94,23 @@ ROWS = {  # in the order they are sampled: the most telling first
     "qdebias_w4a8": ("W4A8 q-driven", "debias, statistics on quantized trajectories", "w4q", "cnc,bc", 8, "debias", None),
     "qdiff_w4a4_fwd": ("W4A4 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 4, None, None),
     "qdiff_w4a8_fwd": ("W4A8 fwd", "Q-Diffusion, forward block order", "w4fwd", "none", 8, None, None),
+    "gptqd_w4a4": ("W4A4", "PTQD (CNC+BC+VSC), guarded", "w4", "all", 4, None, None),
+    "gdebias_w4a4": ("W4A4", "debias, guarded", "w4", "cnc,bc", 4, "debias", None),
+    "posterior_w4a4": ("W4A4", "posterior (τ=10)", "w4", "cnc,bc", 4, "posterior", None),
+    "gposterior_w4a4": ("W4A4", "posterior (τ=10), guarded", "w4", "cnc,bc", 4, "posterior", None),
+    "gcontent_w4a4": ("W4A4", "content, guarded", "w4", "cnc,bc", 4, "content", None),
+    "gptqd_w4a8": ("W4A8", "PTQD (CNC+BC+VSC), guarded", "w4", "all", 8, None, None),
+    "gdebias_w4a8": ("W4A8", "debias, guarded", "w4", "cnc,bc", 8, "debias", None),
+    "posterior_w4a8": ("W4A8", "posterior (τ=10)", "w4", "cnc,bc", 8, "posterior", None),
+    "gposterior_w4a8": ("W4A8", "posterior (τ=10), guarded", "w4", "cnc,bc", 8, "posterior", None),
     "qdiff_w8a8": ("W8A8", "Q-Diffusion", "w8", "none", 8, None, None),
     "ptqd_w8a8": ("W8A8", "PTQD", "w8", "all", 8, None, None),
     "content_w8a8": ("W8A8", "content", "w8", "cnc,bc", 8, "content", None),
     "mean_w8a8": ("W8A8", "mean", "w8", "cnc,bc", 8, "mean", None),
 }
 DEFAULT_ROWS = ",".join(ROWS)
+# rows sampled with the final-sample guard (ptqd.correction.guard); every other row applies its correction as it is
+GUARDED = {k for k in ROWS if k.startswith("g") and not k.startswith("gbudget")}
 # paired PSNR differences reported: (a, b) on the same images
 COMPARISONS = [
     ("ptqd_w8a8", "qdiff_w8a8"), ("content_w8a8", "qdiff_w8a8"), ("mean_w8a8", "qdiff_w8a8"),
@@ -106,6 +123,10 @@ COMPARISONS = [
     ("qptqd_w4a4", "qdiff_w4a4"), ("qcnc_w4a4", "qdiff_w4a4"), ("qmean_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "qdiff_w4a4"),
     ("qdebias_w4a4", "qdiff_w4a4"), ("qpixel_w4a4", "qdiff_w4a4"), ("qcontent_w4a4", "content_w4a4"),
     ("qcontent_w4a8", "qdiff_w4a8"), ("qdebias_w4a8", "qdiff_w4a8"),
+    ("gptqd_w4a4", "qdiff_w4a4"), ("gdebias_w4a4", "qdiff_w4a4"), ("posterior_w4a4", "qdiff_w4a4"), ("gposterior_w4a4", "qdiff_w4a4"),
+    ("gcontent_w4a4", "qdiff_w4a4"), ("gptqd_w4a4", "ptqd_w4a4"),
+    ("gptqd_w4a8", "qdiff_w4a8"), ("gdebias_w4a8", "qdiff_w4a8"), ("posterior_w4a8", "qdiff_w4a8"), ("gposterior_w4a8", "qdiff_w4a8"),
+    ("gptqd_w4a8", "ptqd_w4a8"),
 ]
 
 
@@ -186,9 +207,14 @@ def sample_all(args) -> None:
                 if (correct != "none" or bits == "mixed") and run_name != "w4q":
                     ensure_stats(run, dataclasses.replace(sampler, seed=0), "all", "mixed" if run_name != "w8" else None, progress=False)
                 propagation, tol = budget if isinstance(budget, tuple) else ("measured", budget)
-                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=tol, budget_propagation=propagation)
+                t1 = time.perf_counter()
+                plan = plan_sampling(run, sampler, correct, bits, model=model, fidelity_budget=tol, budget_propagation=propagation,
+                                     guard=key in GUARDED)
+                plan_seconds = time.perf_counter() - t1  # the guard's calibration (once per row: cached in the run directory)
+                t0 = time.perf_counter()
                 s = sample(plan.model, args.num, sampler, progress=False, denoise=plan.denoise, corrector=plan.corrector)
                 s.config.update(plan.record)
+                s.config["benchmark_plan_seconds"] = round(plan_seconds, 1)
             s.config["benchmark"] = {"row": path.stem, "seconds": round(time.perf_counter() - t0, 1)}
             save_samples(s, path)
             print(f"{path.name}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -240,7 +266,8 @@ def evaluate_all(args) -> None:
                 "key": key, "setting": setting, "method": label, "seed": seed, "num": len(s.images),
                 "bit_schedule": s.config.get("bit_schedule"), "budget": s.config.get("budget"),
                 "gbops_sampling": (s.config.get("sampling_bops") or 0) / 1e9 or None,
-                "sample_seconds": s.config.get("benchmark", {}).get("seconds"), **m,
+                "sample_seconds": s.config.get("benchmark", {}).get("seconds"), "guard": s.config.get("guard"),
+                "plan_seconds": s.config.get("benchmark_plan_seconds"), **m,
             })
             print(f"{key} seed {seed}: psnr {m['psnr']:.2f} mse {m['mse'] * 1e3:.3f}e-3 fd_fp {m.get('fd_fp', float('nan')):.2f}", flush=True)
     diffs = []
@@ -263,7 +290,7 @@ def evaluate_all(args) -> None:
         "sampler": f"DDIM {steps} steps, eta {eta:g}, guidance {guidance:g}, labels 0..9 cycled",
     }
     r2 = r2_summary(args)
-    write_json(args.out / f"results_{args.protocol}.json", {**meta, "rows": results, "paired_differences": diffs, "r2": r2})
+    write_json(args.out / f"{args.results_name or 'results_' + args.protocol}.json", {**meta, "rows": results, "paired_differences": diffs, "r2": r2})
     write_table(args, meta, results, diffs, r2)
     if any(r["key"] in ("qdiff_budget", "qdiff_gbudget") for r in results):
         plot_budget(args, results)
@@ -304,6 +331,14 @@ def write_table(args, meta, results, diffs, r2) -> None:
                 continue
             r2_lines.append(f"| {where} | {model} | {h['mean']:.3f} | " + " | ".join(f"{x:.3f}" for x in h["thirds"]) + f" | {f['mean']:.3f} |")
     schedules = sorted({(r["method"], r["bit_schedule"], json.dumps(r["budget"])) for r in results if r.get("bit_schedule")})
+    guards = {}
+    for r in results:
+        if r.get("guard") and r["key"] not in guards:
+            g = r["guard"]
+            guards[r["key"]] = (f"- {r['setting']} {r['method']}: {g['chosen']}, λ per block " + ", ".join(
+                f"t {a}→{b}: {v:.2f}" for (a, b), v in zip(g["blocks"], g["lambda"])) + f" (fitted: {', '.join(f'{v:.2f}' for v in g['lambda_fit'])}); "
+                f"calibration MSE to FP ({g['num']} trajectories of seed {g['seed']}) none {g['mse']['none']:.3g}, full {g['mse']['full']:.3g}, "
+                f"fitted {g['mse']['fit']:.3g}; guard fitted in {r.get('plan_seconds') or 0:.0f} s")
     n = results[0]["num"] if results else 0
     text = "\n".join([
         f"# Correction models on {args.model} ({args.protocol})",
@@ -330,13 +365,17 @@ def write_table(args, meta, results, diffs, r2) -> None:
         "",
         *r2_lines,
         "",
+        "Final-sample guard (λ per block of steps, chosen on the calibration trajectories; seeds 0/1 never used there):",
+        "",
+        *guards.values(),
+        "",
         "Bit schedules:",
         "",
         *[f"- {m}: {s}" + (f" (predicted {json.loads(b)['predicted_relative_mse']:.2f}× the A8 run's MSE)" if b != "null" else "")
           for m, s, b in schedules],
         "",
     ])
-    (args.out / f"results_{args.protocol}.md").write_text(text)
+    (args.out / f"{args.results_name or 'results_' + args.protocol}.md").write_text(text)
     print(text)
 
 
@@ -367,7 +406,8 @@ def plot_budget(args, results) -> None:
 
 def _argline(args) -> str:
     return (f"--model {args.model} --protocol {args.protocol} --num {args.num} --seeds {','.join(map(str, args.seeds))} "
-            f"--calibration {args.calibration} --rows {args.rows}")
+            f"--calibration {args.calibration} --noise-samples {args.noise_samples} --rows {args.rows}"
+            + (f" --results-name {args.results_name}" if args.results_name else ""))
 
 
 def main() -> None:
@@ -381,6 +421,7 @@ def main() -> None:
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--noise-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--results-name", default=None, help="evaluate: results file name without suffix (default results_PROTOCOL)")
     p.add_argument("--calibration", choices=["full", "light"], default="full",
                    help="full: the library's default calibration; light: 512 inputs, 100/50 iterations (as the demo)")
     args = p.parse_args()

@@ -65,7 +65,7 @@ def test_content_model_recovers_a_content_dependent_error_and_ptqd_cannot():
     moments = collect_moments(model, _twin(model), [8], 64, sampler, seed=1, progress=False)
     held = collect_moments(model, _twin(model, seed=9), [8], 32, sampler, seed=2, progress=False)
     stats = fit(moments, heldout=held)
-    assert stats.models() == ["ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel"]
+    assert stats.models() == ["ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel", "posterior"]
     # debias inverts the fitted error model: ε_corr = (ε̂ − m·x_t − μ)/(1 + k), unbiased given ε
     Wd = stats.maps["debias"][0][0]
     collinear = [cm._collinear(moments.joint["J"][0, s], cm._idx(2)) for s in range(len(stats.timesteps))]
@@ -303,6 +303,18 @@ def test_correction_model_end_to_end_cli(tmp_path, capsys, monkeypatch):
         want = {"ptqd": ["cnc", "bc", "vsc"], "content": ["content", "vsc"], "novsc": ["content"]}[name]
         assert rec["correction"] == want
     assert not (images["ptqd"] == images["content"]).all() and not (images["content"] == images["novsc"]).all()
+    # every correction is guarded by default: λ per block recorded, never worse than none on the guard's trajectories
+    g = json.loads((tmp_path / "ptqd.json").read_text())["guard"]
+    assert len(g["lambda"]) == 5 and all(0 <= v <= 1 for v in g["lambda"]) and g["mse"][g["chosen"]] <= g["mse"]["none"]
+    assert g["seed"] == 2002 and (run / "guard_noise_stats_ddim5_eta1_g3.json").is_file()
+    assert main(["sample", str(run), "--num", "3", "--steps", "5", "--act-bits", "4", "--out", str(tmp_path / "paper.npz"),
+                 "--no-progress", "--no-guard"]) == 0
+    paper = json.loads((tmp_path / "paper.json").read_text())
+    assert paper["guard"] is None and paper["corrector"]["vsc"] == "official"
+    if g["chosen"] == "none":  # the guard switched PTQD off: the uncorrected sampler exactly
+        assert main(["sample", str(run), "--num", "3", "--steps", "5", "--act-bits", "4", "--correct", "none",
+                     "--out", str(tmp_path / "none.npz"), "--no-progress"]) == 0
+        assert (np.load(tmp_path / "none.npz")["images"] == images["ptqd"]).all()
     # budgeted mixed precision: tolerance 1 keeps every step at A8, a huge one puts every step at A4, 1.5 lies between
     records = {}
     for budget in ("1", "1.5", "1e9"):
@@ -342,6 +354,12 @@ def test_correction_model_end_to_end_cli(tmp_path, capsys, monkeypatch):
     refit = load_stats(run / "noise_stats_ddim5_eta1_g3.safetensors")
     assert refit.meta["ridge"] == 0.01 and not np.allclose(refit.maps["content"][0], stats.maps["content"][0])
     np.testing.assert_array_equal(refit.moments.joint["J"], stats.moments.joint["J"])
+    # the trajectory-matched model: fitted on lockstep trajectories, kept in the statistics file, sampled like any model
+    assert main(["stats", str(run), "--steps", "5", "--noise-samples", "8", "--matched", "--no-progress"]) == 0
+    assert "matched" in load_stats(run / "noise_stats_ddim5_eta1_g3.safetensors").maps
+    assert main(["sample", str(run), "--num", "2", "--steps", "5", "--act-bits", "4", "--correction-model", "matched",
+                 "--out", str(tmp_path / "matched.npz"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "matched.json").read_text())["correction"] == ["matched", "vsc"]
     # a regression model needs a run: refused for an FP model
     capsys.readouterr()
     assert main(["sample", "--model", "digits16-cond", "--num", "2", "--steps", "3", "--correction-model", "content",

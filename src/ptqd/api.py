@@ -173,6 +173,7 @@ def quantize(
     fidelity_budget: float | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    guard: bool = defaults.GUARD,
 ):
     """Quantize ``obj`` and give back the same kind: a pipeline (its denoiser swapped for a
     :class:`QuantizedDenoiser`, its scheduler for a :class:`PTQDScheduler` when corrections apply), a
@@ -187,7 +188,9 @@ def quantize(
     ``ptqd`` (default), ``mean``, ``content`` or ``content-pixel`` (:mod:`ptqd.correction.models`).
     ``fidelity_budget``: mixed precision by the budgeted criterion (the cheapest bit schedule whose
     predicted MSE to FP stays within that factor of the all-high-bit run's). ``out``: also write a
-    run directory (a cache: the object returned is complete without it).
+    run directory (a cache: the object returned is complete without it). ``guard`` (default on): each
+    correction is blended per block of steps by its measured effect on the final samples, never worse
+    than none on its calibration trajectories (:mod:`ptqd.correction.guard`); False: the paper's PTQD as it is.
     """
     from ptqd.runs import quantize as quantize_run
 
@@ -207,7 +210,7 @@ def quantize(
         noise_samples=p.noise_samples if method == "ptqd" else 0, mixed_precision=mixed_precision, forward_loop=forward_loop,
     )
     template = obj if (_is_pipeline(obj) or not isinstance(obj, (str, Path, DiffusionModel))) else None
-    return _assemble(template, run, sampler, correct, act_bits, correction_model, fidelity_budget)
+    return _assemble(template, run, sampler, correct, act_bits, correction_model, fidelity_budget, guard)
 
 
 def run_of(obj) -> QuantizedRun:
@@ -223,7 +226,7 @@ def run_of(obj) -> QuantizedRun:
 def plan(obj, sampler: SamplerConfig | None = None, *, steps: int | None = None, eta: float | None = None,
          guidance: float | None = None, scheduler: str | None = None, correct: str | None = None,
          act_bits: int | str | None = None, correction_model: str | None = None, fidelity_budget: float | None = None,
-         collect: bool = True, progress: bool = True):
+         collect: bool = True, progress: bool = True, guard: bool = defaults.GUARD):
     """The same quantized pipeline (or denoiser) made for another sampler, correction or bit schedule
     (``correction_model``, ``fidelity_budget`` as in :func:`quantize`): its noise statistics are
     collected first when ``collect`` (the default; they need the FP model) and none are held."""
@@ -243,7 +246,7 @@ def plan(obj, sampler: SamplerConfig | None = None, *, steps: int | None = None,
         )
         stats = collect_stats(run, request, out=run.path if run.manifest is None else None, progress=progress)
         run.stats = [s for s in _held(run) if stats_name_for(s) != stats_name_for(stats)] + [stats]
-    return _assemble(obj, run, sampler, correct, act_bits, correction_model, fidelity_budget)
+    return _assemble(obj, run, sampler, correct, act_bits, correction_model, fidelity_budget, guard)
 
 
 def _held(run) -> list:
@@ -263,13 +266,13 @@ def _has_stats(run, sampler) -> bool:
 
 
 def _assemble(template, run: QuantizedRun, sampler: SamplerConfig, correct: str | None, act_bits,
-              correction_model: str | None = None, fidelity_budget: float | None = None):
+              correction_model: str | None = None, fidelity_budget: float | None = None, guard: bool = defaults.GUARD):
     """The object :func:`quantize` / :func:`load` / :func:`plan` return, planned for ``sampler``: a
     denoiser when ``template`` is a denoiser, else a pipeline (``template``'s class and components, or
     the one ptqd builds for the model)."""
     if correct is None:
         correct = "all" if run.config.get("method") == "ptqd" else "none"
-    sp = plan_sampling(run, sampler, correct, act_bits, model=correction_model, fidelity_budget=fidelity_budget)
+    sp = plan_sampling(run, sampler, correct, act_bits, model=correction_model, fidelity_budget=fidelity_budget, guard=guard)
     denoiser = sp.denoiser
     denoiser.ptqd_run, denoiser.ptqd_sampler, denoiser.ptqd_record = run, sampler, sp.record
     if template is not None and not _is_pipeline(template):
@@ -303,7 +306,7 @@ def corrected_scheduler(denoiser: QuantizedDenoiser, scheduler):
     run, sampler = run_of(denoiser), denoiser.ptqd_sampler
     record = denoiser.ptqd_record
     sp = plan_sampling(run, sampler, record.get("correction") or "none", "mixed" if "bit_schedule" in record else record.get("act_bits"),
-                       fidelity_budget=(record.get("budget") or {}).get("tolerance"))
+                       fidelity_budget=(record.get("budget") or {}).get("tolerance"), guard=record.get("guard", defaults.GUARD) is not None)
     if sp.corrector is None:
         return scheduler
     return PTQDScheduler(scheduler, sp.corrector, sampler)
@@ -328,6 +331,7 @@ def save(obj, directory: str | Path, overwrite: bool = False) -> Path:
         "correct": ",".join(record.get("correction") or []) or "none",
         "act_bits": "mixed" if "bit_schedule" in record else record.get("act_bits"),
         "fidelity_budget": (record.get("budget") or {}).get("tolerance"),
+        "guard": record.get("guard", defaults.GUARD) is not None,
     }
     from ptqd.integrity import seal
 
@@ -380,8 +384,9 @@ def load(directory: str | Path, backend: str = "int"):
         eta=run.config["calibration"].get("eta"), guidance=run.config["calibration"].get("guidance"),
     )
     correct, act_bits, budget = info.get("correct"), info.get("act_bits"), info.get("fidelity_budget")
+    guard = bool(info.get("guard", defaults.GUARD))
     if info.get("kind") == "denoiser":
-        return _assemble(QuantizedDenoiser(run.qnet), run, sampler, correct, act_bits, fidelity_budget=budget)
+        return _assemble(QuantizedDenoiser(run.qnet), run, sampler, correct, act_bits, fidelity_budget=budget, guard=guard)
     if info.get("pipeline") not in (None, *PIPELINES):
         raise PtqdError(f"{info_file}: pipeline {info['pipeline']!r} is not one ptqd rebuilds ({', '.join(PIPELINES)})")
-    return _assemble(None, run, sampler, correct, act_bits, fidelity_budget=budget)
+    return _assemble(None, run, sampler, correct, act_bits, fidelity_budget=budget, guard=guard)

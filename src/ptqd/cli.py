@@ -101,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--correction-model", choices=list(CORRECTION_MODELS), default=None,
         help=f"how the quantization error is corrected: ptqd (the paper's CNC/BC, default), mean (per-channel conditional "
         "mean of ε given ε̂), content (ε regressed on ε̂ and x_t across channels), content-pixel (content + a per-pixel bias "
-        "map); VSC uses each model's own residual variance",
+        "map), debias/debias-pixel (the fitted error model inverted), posterior (between content and debias, `ptqd stats --tau`), "
+        "matched (fitted on lockstep FP/corrected trajectories, `ptqd stats --matched`); VSC uses each model's own residual variance",
+    )
+    s.add_argument(
+        "--no-guard", action="store_true",
+        help="apply the correction as it is (the paper's PTQD exactly); by default it is blended per block of steps by its "
+        f"measured effect on the final samples ({D.GUARD_SAMPLES} trajectories of seed {D.GUARD_SEED}), never worse than none there",
     )
     s.add_argument("--low-bit-steps", type=int, default=None, help="mixed precision override: the first N steps at the lowest bit-width")
     s.add_argument("--criterion", default=None, help="mixed-precision rule: snr-unscaled (default) or snr (see ptqd.correction.mixed)")
@@ -221,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"statistics' trajectories, at most {D.HELDOUT_SAMPLES}; 0: none)",
     )
     st.add_argument("--ridge", type=float, default=None, help=f"ridge penalty of the regression correction models (default {D.RIDGE:g})")
+    st.add_argument(
+        "--matched", action="store_true",
+        help=f"also fit the trajectory-matched correction model (`--correction-model matched`): FP and the corrected quantized "
+        f"sampler in lockstep on {D.MATCHED_SAMPLES} trajectories of the statistics' seed (DDIM only)",
+    )
+    st.add_argument("--tau", type=float, default=None,
+                    help=f"horizon τ of the posterior correction model: 1 = content, larger → debias (default {D.POSTERIOR_TAU:g})")
     st.add_argument(
         "--drive", choices=["fp", "quantized"], default="fp",
         help="which network drives the statistics trajectories: fp (PTQD's Algorithm 1) or quantized (each bit-width its "
@@ -461,6 +474,10 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
             raise PtqdError(f"--correction-model {args.correction_model} needs corrections, but --correct is none"
                             f"{'' if args.correct is not None else ' (the default for a ' + run.config['method'] + ' run)'}: "
                             "pass --correct all (or cnc,bc), or leave out --correction-model")
+        if args.no_guard and correct == "none":
+            raise PtqdError("--no-guard applies to a correction, but no correction runs"
+                            f"{'' if args.correct is not None else ' (the default for a ' + run.config['method'] + ' run)'}: "
+                            "pass --correct all, or leave out --no-guard")
 
         if args.collect_stats:
             from ptqd.runs import ensure_stats
@@ -469,7 +486,8 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
                          progress=not args.no_progress and ctx.main)
 
         plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION,
-                             fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation or defaults.BUDGET_PROPAGATION)
+                             fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation or defaults.BUDGET_PROPAGATION,
+                             guard=not args.no_guard, progress=not args.no_progress and ctx.main)
         model = plan.model
         plan.record["fp_model_fingerprint"] = run.config.get("model_fingerprint")  # the FP model: `evaluate --against` checks it
         if getattr(run.qnet, "ptqd_backend", None):
@@ -479,10 +497,14 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
                 print(f"note: {note}")
             if "bit_schedule" in plan.record:
                 print(f"activation bits per step: {plan.record['bit_schedule']}")
+            if plan.record.get("guard"):
+                from ptqd.correction.guard import describe_guard
+
+                print(describe_guard(plan.record["guard"]))
     else:
         if args.act_bits is not None or args.correct is not None or args.low_bit_steps is not None or args.criterion or args.backend \
-                or args.correction_model or args.fidelity_budget is not None:
-            raise PtqdError("--act-bits, --correct, --correction-model, --low-bit-steps, --criterion, --fidelity-budget and --backend "
+                or args.correction_model or args.fidelity_budget is not None or args.no_guard:
+            raise PtqdError("--act-bits, --correct, --correction-model, --no-guard, --low-bit-steps, --criterion, --fidelity-budget and --backend "
                             "need a quantization run or checkpoint")
         if args.collect_stats:
             raise PtqdError("--collect-stats needs a quantization run directory")
@@ -700,9 +722,14 @@ def _stats(args: argparse.Namespace, ctx, device: str) -> None:
         mean_of=args.mean_of,
         heldout_samples=args.heldout_samples,
         ridge=defaults.RIDGE if args.ridge is None else args.ridge,
+        tau=defaults.POSTERIOR_TAU if args.tau is None else args.tau,
         drive=args.drive,
     )
     stats = collect_stats(run, request, out=args.run, progress=not args.no_progress)
+    if args.matched:
+        from ptqd.correction.apply import add_matched
+
+        add_matched(run, stats, progress=not args.no_progress and ctx.main)
     if ctx.main:
         _print_stats(run, stats)
 

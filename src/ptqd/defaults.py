@@ -35,8 +35,16 @@ NOISE_SEED = 2000
 HELDOUT_SAMPLES = 64  # at most: trajectories of another seed every correction model is scored on (a quarter of the fit's)
 HELDOUT_SEED = 2001
 CORRECTION_MODEL = "ptqd"  # the paper's CNC/BC; mean, content, content-pixel: ptqd.correction.models
-RIDGE = 1e-4  # ridge penalty of the regression correction models, relative to the feature variance
+POSTERIOR_TAU = 10.0  # the posterior correction model's horizon: 1 = content, ∞ = debias
+RIDGE = 1e-4
+MATCHED_SAMPLES = 64  # lockstep trajectory pairs the matched maps are fitted on (one batch, in memory)
+MATCHED_GAMMA = 0.5  # trajectory-matched maps: share of the FP/quantized state gap one step tries to close
+MATCHED_RIDGE = 1e-3  # their ridge penalty toward the identity map, relative to the feature variance  # ridge penalty of the regression correction models, relative to the feature variance
 BUDGET_PROPAGATION = "measured"  # how --fidelity-budget predicts each step's share of the final error
+GUARD = True  # every correction is guarded by its measured effect on the final samples (ptqd.correction.guard)
+GUARD_SAMPLES = 32  # calibration trajectories the guard measures on
+GUARD_SEED = 2002  # never an evaluation seed (those are 0, 1, …), nor the statistics' (2000, 2001)
+GUARD_BLOCKS = 5  # contiguous blocks of steps, one λ each
 SENSITIVITY_SAMPLES = 16  # FP trajectories the measured step contributions are averaged over
 
 PRESETS = {

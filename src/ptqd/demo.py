@@ -176,9 +176,9 @@ def run_demo(
         sampled(f"naive_{tag.lower()}", "naive", tag, plan.model, plan, _quant_extra(naive, plan, naive_prep))
         plan = plan_sampling(run, sampler, "none", bits)
         sampled(f"qdiff_{tag.lower()}", "Q-Diffusion", tag, plan.model, plan, _quant_extra(run, plan, calib_s))
-        plan = plan_sampling(run, sampler, "all", bits)
+        plan = plan_sampling(run, sampler, "all", bits, guard=False)  # the paper's PTQD as it is
         sampled(f"ptqd_{tag.lower()}", "PTQD", tag, plan.model, plan, _quant_extra(run, plan, calib_s + stats_s))
-    plan = plan_sampling(run, sampler, "all", "mixed")
+    plan = plan_sampling(run, sampler, "all", "mixed", guard=False)
     sampled("ptqd_mixed", "PTQD mixed", f"W{WEIGHT_BITS}A{LOW_ACT_BITS}/{ACT_BITS}", plan.model, plan, _quant_extra(run, plan, calib_s + stats_s))
     rows[-1]["bit_schedule"] = plan.record.get("bit_schedule")
     row = rows[-1]

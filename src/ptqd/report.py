@@ -280,6 +280,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
         for c, sch in schedules.items():
             mark = " (default, plotted)" if c == DEFAULT_CRITERION else ""
             lines += [f"mixed-precision schedule, criterion {c}{mark}: {describe_schedule(sch)}", ""]
+        from ptqd.correction.apply import guards_of
+        from ptqd.correction.guard import describe_guard
+
+        guards = guards_of(run, stats)
+        if guards:
+            lines += ["Final-sample guards fitted for these statistics (λ per block of steps: the share of the correction kept):", ""]
+            for e in guards:
+                k = e.get("key") or {}
+                sched = sorted(set((k.get("schedule") or {}).values()))
+                lines.append(f"- correction {','.join(k.get('parts') or [])}, activation bits {'/'.join(map(str, sched))}: "
+                             + describe_guard(e["guard"]))
+            lines.append("")
         if len(stats.bits) > 1:
             budget_lines, budget_png = _budget_section(run, stats, sampler, run_dir, out, prefix)
             lines += budget_lines
@@ -343,6 +355,12 @@ def _samples_section(run_dir: Path, out: Path) -> list[str]:
             f"### `{rel}`", "",
             f"{d['sampler']}, seed {d['seed']}, {d['num']} images; correction {d['correction']}; activation bits {d['act_bits']}", "",
         ]
+        if s.config.get("guard"):
+            from ptqd.correction.guard import describe_guard
+
+            lines += [describe_guard(s.config["guard"]), ""]
+        elif "guard" in s.config and s.config.get("correction"):
+            lines += ["correction applied as it is (no guard: the paper's PTQD)", ""]
         m = d.get("metrics")
         if m:
             from ptqd.metrics import format_table

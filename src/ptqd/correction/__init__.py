@@ -3,6 +3,7 @@ calibration, and step-aware mixed precision."""
 
 from ptqd.correction.apply import (
     SamplingPlan,
+    add_matched,
     collect_stats,
     find_stats,
     plan_sampling,
@@ -11,6 +12,8 @@ from ptqd.correction.apply import (
     schedule_for,
 )
 from ptqd.correction.corrector import PARTS, Corrector, ddim_quantities, ddpm_quantities, parse_parts
+from ptqd.correction.guard import fit_guard
+from ptqd.correction.matched import fit_matched
 from ptqd.correction.mixed import CRITERIA, DEFAULT_CRITERION, bit_schedule, describe_schedule, snr_criterion, snr_fp, snr_q, snr_table
 from ptqd.correction.stats import (
     STATS_SEED,
@@ -35,6 +38,7 @@ __all__ = [
     "NoiseStats",
     "SamplingPlan",
     "StatsRequest",
+    "add_matched",
     "bit_schedule",
     "check_stats",
     "collect_moments",
@@ -44,6 +48,8 @@ __all__ = [
     "describe_schedule",
     "find_stats",
     "fit",
+    "fit_guard",
+    "fit_matched",
     "load_stats",
     "parse_parts",
     "plan_sampling",

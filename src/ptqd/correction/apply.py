@@ -85,7 +85,7 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
         old = load_stats(path)
         same = all(old.meta.get(k) == v for k, v in json.loads(json.dumps(meta)).items() if k != "batch_size")
         if same and old.moments is not None and old.moments.joint is not None:  # same collection: only the fit options changed
-            stats = fit(old.moments, request.clamp_k, request.mean_of, meta, request.ridge, old.heldout)
+            stats = fit(old.moments, request.clamp_k, request.mean_of, meta, request.ridge, old.heldout, request.tau)
             distributed.barrier(distributed.context())  # every rank has read the file before rank 0 rewrites it
             if distributed.context().main:
                 save_stats(stats, path)
@@ -110,7 +110,7 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     finally:
         if before is not None:
             set_act_bits(qnet, before)
-    stats = fit(moments, request.clamp_k, request.mean_of, meta, request.ridge, heldout)
+    stats = fit(moments, request.clamp_k, request.mean_of, meta, request.ridge, heldout, request.tau)
     if path is not None and distributed.context().main:  # under torchrun every rank has the stats; rank 0 writes
         save_stats(stats, path)
         shutil.rmtree(partial, ignore_errors=True)
@@ -118,13 +118,60 @@ def collect_stats(run, request: StatsRequest, out: str | Path | None = None, pro
     return stats
 
 
-def refit(stats: NoiseStats, clamp_k: bool = True, mean_of: str = "error", ridge: float | None = None) -> NoiseStats:
+def add_matched(run, stats: NoiseStats, num: int = defaults.MATCHED_SAMPLES, gamma: float = defaults.MATCHED_GAMMA,
+                ridge: float = defaults.MATCHED_RIDGE, progress: bool = False) -> NoiseStats:
+    """Fit the trajectory-matched maps (:mod:`ptqd.correction.matched`) for ``stats``' sampler on ``num``
+    lockstep trajectory pairs of the statistics' seed, add them as the ``matched`` correction model and,
+    when the statistics have a file, save it again."""
+    from ptqd.correction.matched import attach_matched, fit_matched
+
+    m = stats.meta
+    sampler = SamplerConfig(m["scheduler"], m["steps"], m["eta"] if m["eta"] is not None else 1.0, m.get("guidance") or 1.0)
+    fp, qnet = run.fp, run.qnet
+    before = current_act_bits(qnet)
+
+    def quantized(b, x, t, y, guidance):
+        set_act_bits(qnet, b)
+        return fp.denoise(x, t, y, guidance, unet=qnet)
+
+    try:
+        fitted = fit_matched(fp, quantized, sampler, list(stats.bits), num, int(m.get("seed", defaults.NOISE_SEED)), gamma, ridge, progress)
+    finally:
+        if before is not None:
+            set_act_bits(qnet, before)
+    attach_matched(stats, fitted, {"num": int(num), "gamma": float(gamma), "ridge": float(ridge), "seed": int(m.get("seed", defaults.NOISE_SEED))})
+    if stats.path is not None and distributed.context().main:
+        save_stats(stats, stats.path)
+    return stats
+
+
+def guards_of(run, stats: NoiseStats) -> list[dict[str, Any]]:
+    """The final-sample guards fitted for ``stats`` in ``run`` (entries of ``guard_<statistics>.json`` in its
+    directory, those fitted in this process, those an exported checkpoint carries)."""
+    found = [e for e in stats.meta.get("guards") or [] if isinstance(e, dict)]
+    if run.path is not None and getattr(run, "manifest", None) is None:
+        path = Path(run.path) / ("guard_" + Path(stats_name_for(stats)).stem + ".json")
+        try:
+            found += [e for e in json.loads(path.read_text()).get("entries", []) if isinstance(e, dict)] if path.is_file() else []
+        except (json.JSONDecodeError, AttributeError, OSError):
+            pass
+    name = stats_name_for(stats)
+    found += [e for e in getattr(run, "_ptqd_guard_entries", []) if e["key"].get("stats") == name]
+    out = {}
+    for e in found:  # one entry per key, the latest kept
+        out[json.dumps(e.get("key"), sort_keys=True)] = e
+    return list(out.values())
+
+
+def refit(stats: NoiseStats, clamp_k: bool = True, mean_of: str = "error", ridge: float | None = None,
+          tau: float | None | str = "keep") -> NoiseStats:
     """The same statistics fitted with other options (needs the stored moments)."""
     if stats.moments is None:
         raise PtqdError(f"{stats.path} holds no moments to refit; collect the statistics again")
-    meta = {k: v for k, v in stats.meta.items() if k not in ("clamp_k", "mean_of", "ridge")}
+    meta = {k: v for k, v in stats.meta.items() if k not in ("clamp_k", "mean_of", "ridge", "tau")}
+    tau = stats.meta.get("tau", defaults.POSTERIOR_TAU) if tau == "keep" else tau
     ridge = float(stats.meta.get("ridge", defaults.RIDGE)) if ridge is None else ridge
-    out = fit(stats.moments, clamp_k, mean_of, meta, ridge, stats.heldout)
+    out = fit(stats.moments, clamp_k, mean_of, meta, ridge, stats.heldout, tau)
     out.path = stats.path
     return out
 
@@ -197,24 +244,19 @@ PROPAGATIONS = ("measured", "gaussian")
 
 
 @torch.no_grad()
-def step_contributions(run, sampler: SamplerConfig, parts, bits: list[int], num: int = defaults.SENSITIVITY_SAMPLES,
-                       seed: int = defaults.HELDOUT_SEED, progress: bool = False) -> dict[int, np.ndarray]:
-    """Measured, per bit-width and step i, the final MSE to FP (per element of x_0) that quantizing
-    *only* step i causes: FP trajectories of ``num`` samples, the (corrected, ``parts``) quantized
-    network at bit-width b at step i alone, the FP network before and after with the same noise.
-    Summing a schedule's entries predicts its MSE to FP (errors of different steps taken as additive).
+def step_deviations(fp: DiffusionModel, quantized, sampler: SamplerConfig, bits: list[int], corrector=None,
+                    num: int = defaults.SENSITIVITY_SAMPLES, seed: int = defaults.HELDOUT_SEED, progress: bool = False,
+                    ) -> dict[int, np.ndarray]:
+    """Measured, per bit-width b and step i, the deviation of the final sample from FP (samples ×
+    elements of x_0, float32) that quantizing *only* step i causes: FP trajectories of ``num`` samples,
+    ``quantized(b, x, t, y, guidance)`` (corrected by ``corrector``, whose ``bits_at`` is set to b) at
+    step i alone, the FP network before and after with the same noise. Returns {b: (steps, num, elements)}.
+    A schedule's final error is predicted by the vector sum (:func:`ptqd.correction.mixed.vector_predicted_mse`).
     Costs about steps/2 FP sampling runs of ``num`` samples per bit-width."""
     from tqdm import tqdm
 
     from ptqd.sampling import default_labels, sample_generators
 
-    if getattr(run, "manifest", None) is not None:  # a checkpoint holds no FP network: its base would be the quantized one
-        raise PtqdError(
-            "the measured fidelity budget needs the FP model as reference, which an exported checkpoint does not hold: "
-            "sample the quantization run directory instead, or pass --budget-propagation gaussian"
-        )
-    fp = run.base
-    corrector = Corrector(find_stats(run, sampler), parts, bits_at=None, act_bits=bits[0]) if parts else None
     sched = make_scheduler(fp, sampler.scheduler, sampler.steps)
     kw = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
     guidance = sampler.guidance if fp.conditional else 1.0
@@ -231,31 +273,51 @@ def step_contributions(run, sampler: SamplerConfig, parts, bits: list[int], num:
         states.append([g.get_state() for g in gens])
         x = sched.step(fp.denoise(x, t, y, guidance), t, x, generator=gens, **kw).prev_sample
     final = x
-    before = current_act_bits(run.qnet)
-    out = {b: np.zeros(len(xs)) for b in bits}
+    out = {b: np.zeros((len(xs), num, int(np.prod(shape))), dtype=np.float32) for b in bits}
     bar = tqdm(total=len(bits) * len(xs), desc="step sensitivity", disable=not progress)
     try:
         for b in bits:
-            set_act_bits(run.qnet, b)
             if corrector is not None:
                 corrector.bits_at = {int(t): b for t in sched.timesteps}
                 corrector._cache.clear()
             for i, t in enumerate(sched.timesteps):
                 g = [torch.Generator().set_state(st) for st in states[i]]
-                eps = fp.denoise(xs[i], t, y, guidance, unet=run.qnet)
+                eps = quantized(b, xs[i], t, y, guidance)
                 if corrector is not None:
                     z = corrector.step(sched, eps, t, xs[i], g, eta=sampler.eta if sampler.scheduler == "ddim" else 0.0)
                 else:
                     z = sched.step(eps, t, xs[i], generator=g, **kw).prev_sample
                 for t2 in sched.timesteps[i + 1:]:
                     z = sched.step(fp.denoise(z, t2, y, guidance), t2, z, generator=g, **kw).prev_sample
-                out[b][i] = float(((z - final) ** 2).mean())
+                out[b][i] = (z - final).reshape(num, -1).float().cpu().numpy()
                 bar.update(1)
     finally:
         bar.close()
+    return out
+
+
+def step_contributions(run, sampler: SamplerConfig, parts, bits: list[int], num: int = defaults.SENSITIVITY_SAMPLES,
+                       seed: int = defaults.HELDOUT_SEED, progress: bool = False) -> dict[int, np.ndarray]:
+    """:func:`step_deviations` of ``run``'s quantized network (corrected by ``parts``), {b: (steps, num, elements)}.
+    The per-step final MSE that quantizing step i alone causes is ``(d[b][i] ** 2).mean()``."""
+    if getattr(run, "manifest", None) is not None:  # a checkpoint holds no FP network: its base would be the quantized one
+        raise PtqdError(
+            "the measured fidelity budget needs the FP model as reference, which an exported checkpoint does not hold: "
+            "sample the quantization run directory instead, or pass --budget-propagation gaussian"
+        )
+    fp = run.base
+    corrector = Corrector(find_stats(run, sampler), parts, bits_at=None, act_bits=bits[0]) if parts else None
+    before = current_act_bits(run.qnet)
+
+    def quantized(b, x, t, y, guidance):
+        set_act_bits(run.qnet, b)
+        return fp.denoise(x, t, y, guidance, unet=run.qnet)
+
+    try:
+        return step_deviations(fp, quantized, sampler, bits, corrector, num, seed, progress)
+    finally:
         if before is not None:
             set_act_bits(run.qnet, before)
-    return out
 
 
 def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance: float, candidates=None,
@@ -264,8 +326,17 @@ def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance
     the all-high-bit run, with the whole cost/error curve. ``propagation``: ``measured`` (each step's
     contribution measured by :func:`step_contributions`, cached in the run directory) or ``gaussian``
     (each step's residual propagated through the sampler linearised around Gaussian data,
-    :mod:`ptqd.correction.mixed`; free, but blind to how a real model carries early errors)."""
-    from ptqd.correction.mixed import budget_curve, budget_schedule, data_variance, propagation_gains
+    :mod:`ptqd.correction.mixed`; free, but blind to how a real model carries early errors). The
+    measured propagation predicts a schedule by the vector sum of the steps' final deviations and picks
+    schedules greedily on that quadratic (:func:`ptqd.correction.mixed.vector_budget_curve`)."""
+    from ptqd.correction.mixed import (
+        budget_curve,
+        budget_schedule,
+        data_variance,
+        propagation_gains,
+        schedule_from_curve,
+        vector_budget_curve,
+    )
 
     if propagation not in PROPAGATIONS:
         raise PtqdError(f"the budget's error propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
@@ -282,12 +353,15 @@ def budget_plan(run, stats: NoiseStats, sampler: SamplerConfig, parts, tolerance
         last = int(np.argmax([float(sched.alphas_cumprod[int(t)]) for t in stats.timesteps]))  # the least noisy step
         v = data_variance(float(stats.x_var[last]), float(sched.alphas_cumprod[int(stats.timesteps[last])]))
         gains = propagation_gains(sched, sampler.scheduler, float(sampler.eta), v)
-    else:
-        res = _cached_contributions(run, stats, sampler, parts, candidates, progress)
-        gains = np.ones(len(stats.timesteps))
     bops = bops_per_bits(run, candidates)
-    schedule = budget_schedule(res, gains, bops, stats.timesteps, tolerance)
-    curve = budget_curve(res, gains, bops)
+    if propagation == "gaussian":
+        schedule = budget_schedule(res, gains, bops, stats.timesteps, tolerance)
+        curve = budget_curve(res, gains, bops)
+    else:
+        dev = _cached_contributions(run, stats, sampler, parts, candidates, progress)
+        gains = np.ones(len(stats.timesteps))
+        curve = vector_budget_curve(dev, bops)
+        schedule = schedule_from_curve(curve, stats.timesteps, tolerance)
     bits = [schedule[int(t)] for t in stats.timesteps]
     chosen = next(e for e in curve if list(e["bits"]) == bits)
     return {"schedule": schedule, "curve": curve, "chosen": chosen, "data_var": v, "gains": gains, "bops": bops,
@@ -304,7 +378,7 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: b
     """:func:`step_contributions`, read from / written to the run directory when there is one
     (``measure=False``: None when not measured yet)."""
     key = {"stats": stats_name_for(stats), "quant_fingerprint": quant_fingerprint(run.qnet), "parts": list(parts),
-           "bits": list(bits), "num": defaults.SENSITIVITY_SAMPLES, "seed": defaults.HELDOUT_SEED}
+           "bits": list(bits), "num": defaults.SENSITIVITY_SAMPLES, "seed": defaults.HELDOUT_SEED, "vectors": True}
     cache = getattr(run, "_ptqd_contributions", {})
     tag = json.dumps(key, sort_keys=True)
     if tag in cache:
@@ -314,9 +388,11 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: b
         entries, problem = _read_contributions(path, len(stats.timesteps))
         for entry in entries:
             if entry["key"] == key:
-                cache[tag] = {int(b): np.asarray(v) for b, v in entry["contributions"].items()}
-                run._ptqd_contributions = cache
-                return cache[tag]
+                vectors, problem = _read_vectors(path, entry, len(stats.timesteps))
+                if vectors is not None:
+                    cache[tag] = vectors
+                    run._ptqd_contributions = cache
+                    return cache[tag]
         if problem and measure:
             print(f"note: {path} {problem}; measuring the step contributions again (it is a cache)")
     if not measure:
@@ -327,11 +403,19 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: b
     if path is not None and distributed.context().main:
         from ptqd.io import write_json
 
-        from ptqd.integrity import seal
+        import hashlib
+
+        from ptqd.integrity import seal, sha256_file
+        from ptqd.io import write_npz
 
         entries = [e for e in _read_contributions(path, len(stats.timesteps))[0] if e["key"] != key] if path.is_file() else []
-        entries.append({"key": key, "contributions": {str(b): [float(v) for v in c] for b, c in contrib.items()}})
-        write_json(path, seal({"what": "per-step MSE to FP caused by quantizing that step alone (ptqd.correction.apply.step_contributions)",
+        h = hashlib.sha256(tag.encode()).hexdigest()[:16]
+        npz = path.with_name(path.stem + "_" + h + ".npz")  # one vectors file per entry, so entries stay independent
+        write_npz(npz, {f"a{b}": c for b, c in contrib.items()})
+        entries.append({"key": key, "contributions": {str(b): [float((v ** 2).mean()) for v in c] for b, c in contrib.items()},
+                        "vectors": npz.name, "vectors_sha256": sha256_file(npz)})
+        write_json(path, seal({"what": "per-step final MSE to FP caused by quantizing that step alone, and (in the .npz files "
+                               "named by each entry) its final deviation vectors (ptqd.correction.apply.step_contributions)",
                                "entries": entries}))
     return contrib
 
@@ -360,6 +444,28 @@ def _read_contributions(path: Path, steps: int) -> tuple[list[dict], str | None]
                 return [], f"field 'entries[{i}].contributions.{b}' must be {steps} finite, non-negative numbers"
         good.append(e)
     return good, None
+
+
+def _read_vectors(path: Path, entry: dict, steps: int) -> tuple[dict[int, np.ndarray] | None, str | None]:
+    """The final deviation vectors of a valid budget-cache entry ({b: (steps, num, elements)}), checked against
+    the checksum the sealed entry records; (None, what is wrong) when missing, damaged or not of this shape."""
+    from ptqd.integrity import sha256_file
+
+    name = entry.get("vectors")
+    if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        return None, "has an entry without its deviation vectors (an older format)"
+    npz = path.with_name(name)
+    try:
+        if not npz.is_file() or sha256_file(npz) != entry.get("vectors_sha256"):
+            return None, f"names {npz.name}, which is missing or was changed after ptqd wrote it"
+        with np.load(npz, allow_pickle=False) as z:
+            out = {int(b): z[f"a{b}"] for b in entry["contributions"]}
+    except (OSError, KeyError, ValueError) as e:
+        return None, f"names {npz.name}, which cannot be read ({type(e).__name__})"
+    for b, v in out.items():
+        if v.ndim != 3 or v.shape[0] != steps or not np.isfinite(v).all():
+            return None, f"names {npz.name}, whose vectors for {b} bits are not {steps} finite steps × samples × elements"
+    return out, None
 
 
 def bops_per_bits(run, bits: list[int]) -> dict[int, float]:
@@ -397,6 +503,8 @@ def plan_sampling(
     model: str | None = None,
     fidelity_budget: float | None = None,
     budget_propagation: str = defaults.BUDGET_PROPAGATION,
+    guard: bool = defaults.GUARD,
+    progress: bool = False,
 ) -> SamplingPlan:
     """Corrections ``correct`` (none|all|subset of cnc,bc,vsc); ``act_bits`` an int, ``"mixed"``
     (bit-width per step from the statistics) or None (the run's default: mixed for a PTQD run
@@ -404,7 +512,12 @@ def plan_sampling(
     lowest bit-width. ``model``: the correction model (``ptqd`` default; a regression model replaces
     CNC/BC, see :func:`ptqd.correction.corrector.parse_parts`). ``fidelity_budget``: mixed precision
     by the budgeted criterion, the cheapest schedule whose predicted MSE to FP is within that factor of
-    the all-high-bit run's (:func:`budget_plan`)."""
+    the all-high-bit run's (:func:`budget_plan`). ``guard`` (default on): the correction is blended per
+    block of steps by its measured effect on the final samples (:mod:`ptqd.correction.guard`, fitted on
+    calibration trajectories of seed :data:`ptqd.defaults.GUARD_SEED`, cached in the run directory), so
+    it is never worse than none there, and PTQD's DDIM VSC solves σ′ with the ε coefficient c′(σ′) it implies
+    (:meth:`Corrector.vsc_sigma_consistent`); ``guard=False`` applies the correction as it is with the
+    official VSC (the paper's PTQD exactly)."""
     parts = parse_parts(correct, model)
     if fidelity_budget is not None:
         if low_steps is not None:
@@ -459,9 +572,70 @@ def plan_sampling(
     model = run.model_with(denoiser)
     corrector = None
     if parts:
-        corrector = Corrector(stats, parts, bits_at=schedule)
+        corrector = Corrector(stats, parts, bits_at=schedule, vsc_mode="consistent" if guard else "official")
         record["notes"] = corrector.notes(sampler.scheduler, sampler.eta, make_scheduler(fp, sampler.scheduler, sampler.steps))
+        g = guard_for(run, stats, sampler, parts, schedule, model.denoise, corrector, progress) if guard else None
+        if g is not None:
+            corrector.blend = {int(t): float(v) for t, v in g["blend"].items()}
+            record["guard"] = {k: v for k, v in g.items() if k != "blend"}
+        else:
+            record["guard"] = None
+            corrector.vsc_mode = "official"  # no guard applied: the paper's PTQD exactly
+            if guard:
+                record["notes"].append("the correction is not guarded: an exported checkpoint has no FP model to measure the final "
+                                       "samples against, and none fitted in its run travelled with it (sample the run directory once "
+                                       "with this setting and export again, or sample with --no-guard)")
     return SamplingPlan(model, model.denoise, corrector, record, denoiser)
+
+
+def guard_for(run, stats: NoiseStats, sampler: SamplerConfig, parts, schedule: dict[int, int], denoise, corrector,
+              progress: bool = False) -> dict[str, Any]:
+    """The final-sample guard of ``corrector`` on ``run`` (:func:`ptqd.correction.guard.fit_guard`),
+    read from / written to the run directory (``guard_<statistics>.json``) when there is one; None
+    for an exported checkpoint (no FP model to measure against)."""
+    from ptqd.correction.guard import fit_guard
+
+    key = {"stats": stats_name_for(stats), "quant_fingerprint": quant_fingerprint(run.qnet), "parts": list(parts),
+           "schedule": {str(t): int(b) for t, b in schedule.items()}, "ridge": stats.meta.get("ridge"), "tau": stats.meta.get("tau"),
+           "num": defaults.GUARD_SAMPLES, "seed": defaults.GUARD_SEED, "blocks": defaults.GUARD_BLOCKS,
+           "guidance": float(sampler.guidance) if run.base.conditional else None}
+    tag = json.dumps(key, sort_keys=True)
+    cache = getattr(run, "_ptqd_guards", {})
+    if tag in cache:
+        return cache[tag]
+    path = Path(run.path) / ("guard_" + Path(stats_name_for(stats)).stem + ".json") if run.path is not None and run.manifest is None else None
+    entries = []
+    if path is not None and path.is_file():
+        try:
+            entries = [e for e in json.loads(path.read_text()).get("entries", []) if isinstance(e, dict)]
+        except (json.JSONDecodeError, AttributeError):
+            entries = []  # a damaged cache is measured again and rewritten
+        for e in entries:
+            if e.get("key") == key and isinstance(e.get("guard"), dict):
+                g = dict(e["guard"])
+                g["blend"] = {int(t): float(v) for t, v in g.get("blend", {}).items()}
+                cache[tag] = g
+                run._ptqd_guards = cache
+                return g
+    if getattr(run, "manifest", None) is not None:  # an exported checkpoint: the guards fitted in its run travel in the statistics
+        for e in stats.meta.get("guards") or []:
+            if isinstance(e, dict) and e.get("key") == key and isinstance(e.get("guard"), dict):
+                g = dict(e["guard"])
+                g["blend"] = {int(t): float(v) for t, v in g.get("blend", {}).items()}
+                return g
+        return None
+    fp = run.fp
+    g = fit_guard(fp, denoise, corrector, sampler, progress=progress)
+    cache[tag] = g
+    run._ptqd_guards = cache
+    entry = {"key": key, "guard": {**g, "blend": {str(t): v for t, v in g["blend"].items()}}}
+    run._ptqd_guard_entries = [e for e in getattr(run, "_ptqd_guard_entries", []) if e["key"] != key] + [entry]
+    if path is not None and distributed.context().main:
+        from ptqd.io import write_json
+
+        entries = [e for e in entries if e.get("key") != key] + [entry]
+        write_json(path, {"what": "final-sample guard of corrections (ptqd.correction.guard.fit_guard)", "entries": entries})
+    return g
 
 
 def fp_sampling_bops(fp: DiffusionModel, sampler: SamplerConfig) -> float:

@@ -127,7 +127,9 @@ class Corrector:
     """Applies the chosen parts with the statistics of the activation bit-width used at each step.
 
     ``bits_at``: timestep → activation bit-width (mixed precision); default the single bit-width of
-    ``act_bits``.
+    ``act_bits``. ``blend``: timestep → λ ∈ [0, 1], the final-sample guard's share of the correction
+    (:mod:`ptqd.correction.guard`): ε̂ + λ(ε_corr − ε̂), VSC's change of the sampler noise variance
+    times λ; λ = 0 takes the uncorrected step exactly. None (default): the correction in full.
     """
 
     stats: NoiseStats
@@ -135,6 +137,8 @@ class Corrector:
     act_bits: int | None = None
     bits_at: dict[int, int] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    blend: dict[int, float] | None = None
+    vsc_mode: str = "official"  # PTQD's DDIM VSC: "official" (the paper's code) or "consistent" (see vsc_sigma_consistent)
 
     def __post_init__(self):
         self.parts = parse_parts(self.parts if isinstance(self.parts, str) else list(self.parts))
@@ -151,9 +155,20 @@ class Corrector:
     def _params(self, t: int) -> dict[str, Any]:
         return self.stats.step(self.bits_at[int(t)], int(t))
 
+    def weight(self, t) -> float:
+        """λ of step t: the share of the correction the guard keeps (1 without a guard)."""
+        return 1.0 if self.blend is None else float(self.blend.get(int(t), 1.0))
+
     def correct_eps(self, eps: torch.Tensor, t, x: torch.Tensor | None = None) -> torch.Tensor:
         """CNC and/or BC, or the regression model's map (which needs the sampler state ``x``), on the
-        (guided) quantized noise prediction."""
+        (guided) quantized noise prediction; blended with it by the guard's λ."""
+        lam = self.weight(t)
+        if lam == 0.0:
+            return eps
+        out = self._correct(eps, t, x)
+        return out if lam == 1.0 else eps + lam * (out - eps)
+
+    def _correct(self, eps: torch.Tensor, t, x: torch.Tensor | None = None) -> torch.Tensor:
         if self.model != "ptqd":
             if x is None:
                 raise PtqdError(f"the {self.model} correction model needs the sampler state x_t")
@@ -187,8 +202,11 @@ class Corrector:
             raise PtqdError(
                 f"PTQD corrects noise (epsilon) predictions; this scheduler is set to {scheduler.config.prediction_type!r}"
             )
-        eps = self.correct_eps(eps, t, x)
         kind = type(scheduler).__name__
+        if self.weight(t) == 0.0 and (kind.startswith("DDIM") or kind.startswith("DDPM")):  # the uncorrected step, exactly
+            kw = {"eta": eta} if kind.startswith("DDIM") else {}
+            return scheduler.step(eps, t, x, generator=generators, **kw).prev_sample
+        eps = self.correct_eps(eps, t, x)
         if kind.startswith("DDIM"):
             if "vsc" not in self.parts or eta == 0:
                 return scheduler.step(eps, t, x, eta=eta, generator=generators).prev_sample
@@ -201,7 +219,7 @@ class Corrector:
                 scale = new_sigma / q["sigma"] if q["sigma"] > 0 else 0.0
                 return scheduler.step(eps, t, x, eta=eta, variance_noise=noise * scale).prev_sample
 
-            new_sigma = self._vsc_sigma(q, t)
+            new_sigma = self._vsc_sigma(q, t) if self.vsc_mode == "official" else self.vsc_sigma_consistent(q, t)
             new_eta = new_sigma / math.sqrt(q["variance"]) if q["variance"] > 0 else 0.0
             out = scheduler.step(eps, t, x, eta=new_eta, generator=generators).prev_sample
             if new_eta <= 0:  # diffusers draws no noise at eta 0: draw (and discard) it to keep the generators in step
@@ -225,7 +243,32 @@ class Corrector:
         """σ'_t²: grown by c_t²·res² for the conditional-mean models, shrunk by it for PTQD and debias."""
         res = self.residual_std(t)
         sign = 1.0 if self.model in CONDITIONAL_MEANS else -1.0
-        return q["sigma"] ** 2 + sign * q["c"] ** 2 * res**2
+        return q["sigma"] ** 2 + sign * self.weight(t) * q["c"] ** 2 * res**2
+
+    def vsc_sigma_consistent(self, q: dict[str, float], t) -> float:
+        """PTQD's DDIM VSC with its bookkeeping made consistent: σ′ enters the update as a new eta, which also
+        shrinks the ε coefficient to c′(σ′) = √(1 − ᾱ_{t−1} − σ′²) − √(ᾱ_{t−1}(1 − ᾱ_t)/ᾱ_t), so σ′ is solved
+        from σ′² + c′(σ′)²·λ·s² = σ_t² (s the residual std, λ the guard's weight) instead of using c_t of
+        the original σ_t (official). The left side grows with σ′ on [0, σ_t]; σ′ = 0 only where even
+        c′(0)²·λ·s² ≥ σ_t² (the residual alone carries more than the step's noise)."""
+        res2 = self.weight(t) * self.residual_std(t) ** 2
+        ap, a, sigma = q["alpha_bar_prev"], q["alpha_bar"], q["sigma"]
+        b = math.sqrt(ap * (1 - a) / a)
+
+        def excess(s):
+            return s * s + (math.sqrt(max(1 - ap - s * s, 0.0)) - b) ** 2 * res2 - sigma**2
+
+        if excess(0.0) >= 0:
+            new = 0.0
+        else:
+            lo, hi = 0.0, sigma
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+            new = 0.5 * (lo + hi)
+        c_new = math.sqrt(max(1 - ap - new * new, 0.0)) - b
+        self.log.append({"t": int(t), "sigma": sigma, "sigma_vsc": new, "c": q["c"], "c_vsc": c_new, "residual_std": math.sqrt(res2)})
+        return new
 
     def _vsc_sigma(self, q: dict[str, float], t) -> float:
         res = self.residual_std(t)
@@ -260,7 +303,11 @@ class Corrector:
                 change = q["c"] ** 2 * self.residual_std(t) ** 2
                 if q["sigma"] > 0 and change > 0:
                     acting += 1
-                    zeroed += self._vsc_variance(q, t) <= 0
+                    if scheduler == "ddim" and self.model == "ptqd" and self.vsc_mode == "consistent":
+                        zeroed += self.vsc_sigma_consistent(q, t) <= 0
+                        self.log.pop()
+                    else:
+                        zeroed += self._vsc_variance(q, t) <= 0
             if acting < len(steps):
                 notes.append(f"vsc acts on {acting} of {len(steps)} steps (on the others the sampler adds no noise or the residual is 0)")
             if zeroed:
@@ -279,6 +326,7 @@ class Corrector:
         return {
             "parts": list(self.parts),
             "model": self.model,
+            **({"vsc": self.vsc_mode} if "vsc" in self.parts and self.model == "ptqd" else {}),
             "statistics": str(self.stats.path) if self.stats.path else None,
             "bit_schedule": {str(t): b for t, b in self.bits_at.items()} if len(set(self.bits_at.values())) > 1 else None,
         }

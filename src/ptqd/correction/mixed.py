@@ -372,3 +372,91 @@ def budget_schedule(
     ok = [e for e in curve if e["relative"] <= tolerance]  # the all-high entry always qualifies
     best = min(ok, key=lambda e: e["bops"])
     return {t: int(b) for t, b in zip(ts, best["bits"])}
+
+
+# --- budgeted mixed precision from measured final deviation vectors ---------------------------------
+
+
+def _check_deviations(deviations: Mapping) -> dict[int, np.ndarray]:
+    if not isinstance(deviations, Mapping) or not deviations:
+        raise PtqdError("deviations must be a non-empty dict: activation bits → (steps, samples, elements) final deviations")
+    out, shape = {}, None
+    for b, v in deviations.items():
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0:
+            raise PtqdError(f"bit-widths must be positive integers, got {b!r}")
+        a = np.asarray(v, dtype=np.float64)
+        if a.ndim != 3 or 0 in a.shape or not np.all(np.isfinite(a)):
+            raise PtqdError(f"deviations[{b}] must be a finite (steps, samples, elements) array, got shape {a.shape}")
+        if shape is not None and a.shape != shape:
+            raise PtqdError(f"deviations of every bit-width must have one shape, got {shape} and {a.shape}")
+        shape = a.shape
+        out[int(b)] = a
+    return out
+
+
+def vector_predicted_mse(deviations: Mapping[int, np.ndarray], bits: Sequence[int]) -> float:
+    """Predicted per-element MSE of the final sample to FP of a bit schedule: |Σ_i d_{b_i}(i)|² averaged
+    over samples and elements, d_b(i) the measured final deviation (samples × elements) that step i
+    alone at bit-width b causes. Unlike a sum of per-step MSEs it keeps the cross-step terms (errors of
+    different steps that point the same way add up more than their squares)."""
+    dev = _check_deviations(deviations)
+    bits = [int(b) for b in np.asarray(bits).ravel()]
+    steps = next(iter(dev.values())).shape[0]
+    if len(bits) != steps:
+        raise PtqdError(f"{len(bits)} bit-widths for {steps} sampler steps")
+    missing = sorted({b for b in bits if b not in dev})
+    if missing:
+        raise PtqdError(f"no measured deviations for activation bits {missing}: have {sorted(dev)}")
+    total = sum(dev[b][i] for i, b in enumerate(bits))
+    return float(np.mean(total**2))
+
+
+def vector_budget_curve(deviations: Mapping[int, np.ndarray], bops_per_bits: Mapping[int, float]) -> list[dict]:
+    """Schedules from all-high to all-low bits by a greedy on the vector-sum prediction: from all-high,
+    repeatedly lower the one step (by one candidate level) whose move adds the least predicted error
+    |Σ_i d_{b_i}(i)|² per BOP saved, until every step is at the lowest. Entries as
+    :func:`budget_curve`'s."""
+    dev = _check_deviations(deviations)
+    cands = sorted(dev)
+    bops = _check_bops(bops_per_bits, cands)
+    n, high = next(iter(dev.values())).shape[0], cands[-1]
+    bits = np.full(n, high, dtype=np.int64)
+    total = dev[high].sum(0)
+    base = float(np.mean(total**2))
+
+    def entry(err):
+        rel = err / base if base > 0 else (1.0 if err == 0 else math.inf)
+        return {"bits": bits.copy(), "low_steps": int(np.sum(bits != high)), "predicted_mse": float(err), "relative": float(rel),
+                "bops": float(sum(bops[int(b)] for b in bits))}
+
+    curve = [entry(base)]
+    level = {b: k for k, b in enumerate(cands)}
+    cur = base
+    while True:
+        best = None
+        for i in range(n):
+            k = level[int(bits[i])]
+            if k == 0:
+                continue
+            lo, hi = cands[k - 1], cands[k]
+            err = float(np.mean((total - dev[hi][i] + dev[lo][i]) ** 2))
+            score = (err - cur) / (bops[hi] - bops[lo])
+            if best is None or score < best[0]:
+                best = (score, i, lo, hi, err)
+        if best is None:
+            return curve
+        _, i, lo, hi, cur = best
+        total = total - dev[hi][i] + dev[lo][i]
+        bits[i] = lo
+        curve.append(entry(cur))
+
+
+def schedule_from_curve(curve: list[dict], timesteps, tolerance: float) -> dict[int, int]:
+    """Timestep → bits: the cheapest entry of ``curve`` predicted within ``tolerance`` × the all-high entry."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)) or math.isnan(tolerance) or tolerance < 1:
+        raise PtqdError(f"the error tolerance is a factor ≥ 1 on the all-high-bit prediction, got {tolerance!r}")
+    ts = [int(t) for t in np.asarray(timesteps).ravel()]
+    if len(ts) != len(curve[0]["bits"]):
+        raise PtqdError(f"{len(ts)} timesteps for {len(curve[0]['bits'])} sampler steps")
+    best = min((e for e in curve if e["relative"] <= tolerance), key=lambda e: e["bops"])
+    return {t: int(b) for t, b in zip(ts, best["bits"])}

@@ -29,6 +29,11 @@ A correction model maps what the sampler sees to an estimate of the FP predictio
   the inversion would amplify the fit's arbitrary split, so there M is left out (PTQD's model with a
   channel-mixing A).
 * ``debias-pixel``: ``debias`` with a per-pixel bias map in the error model.
+  Where the fitted A's smallest singular value is below ``MIN_GAIN`` (the quantized output barely
+  follows ε) A is taken as I and M, μ (b) are refitted for it: ε_corr = ε̂ − M x_t − μ.
+* ``posterior``: the horizon-deflated posterior mean between the two, ε_corr = ε_lin(x) +
+  K_τ(ε̂ − Aε_lin(x) − Mx − μ), K_τ = ΣAᵀ(AΣAᵀ + S/τ)⁻¹ (:func:`posterior_map`): τ = 1 is ``content``'s
+  Gaussian posterior mean, τ → ∞ is ``debias``. τ is a fit option of the statistics (``tau``).
 
 The ridge penalty is ``ridge`` times the mean variance of the non-constant features, on those
 features only (the intercept is not shrunk). ``ridge=0`` is ordinary least squares.
@@ -41,15 +46,19 @@ sampler noise *grown* by c_t²·E[r²] (see :mod:`ptqd.correction.corrector`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ptqd.errors import PtqdError
 
-MODELS = ("ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel")
-MAPS = ("mean", "content", "content-pixel", "debias", "debias-pixel")  # the fitted maps (ptqd is CNC/BC)
-CONDITIONAL_MEANS = ("mean", "content", "content-pixel")  # E[ε | features]: VSC grows the noise
-UNBIASED = ("debias", "debias-pixel")  # E[ε_corr | ε] = ε, as PTQD's CNC: VSC shrinks the noise
+MODELS = ("ptqd", "mean", "content", "content-pixel", "debias", "debias-pixel", "posterior", "matched")
+MAPS = ("mean", "content", "content-pixel", "debias", "debias-pixel", "posterior", "matched")  # the fitted maps (ptqd is CNC/BC)
+TRAJECTORY_MAPS = ("matched",)  # fitted on lockstep trajectories (ptqd.correction.matched), not from the moments
+CONDITIONAL_MEANS = ("mean", "content", "content-pixel", "matched")  # E[ε | features]: VSC grows the noise
+UNBIASED = ("debias", "debias-pixel")
+PIXEL = ("content-pixel", "debias-pixel")  # models with a per-pixel bias map  # E[ε_corr | ε] = ε, as PTQD's CNC: VSC shrinks the noise
 
 
 def batch_moments(eps: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +92,7 @@ def _solve(G: np.ndarray, H: np.ndarray, ridge: float, const: int | None) -> np.
         return np.linalg.lstsq(G, H, rcond=None)[0]
 
 
-def fit_map(J: np.ndarray, P: np.ndarray, n_samples: int, channels: int, model: str, ridge: float = 0.0):
+def fit_map(J: np.ndarray, P: np.ndarray, n_samples: int, channels: int, model: str, ridge: float = 0.0, tau: float = math.inf):
     """W (2C+1, C) over z = [ε̂, x_t, 1], and the pixel bias map (C, H·W) or None, of one step."""
     c = channels
     ix = _idx(c)
@@ -110,36 +119,104 @@ def fit_map(J: np.ndarray, P: np.ndarray, n_samples: int, channels: int, model: 
         return W, bias
     if model in UNBIASED:
         return _debias_map(J, P, n_samples, c, ridge, pixel=model == "debias-pixel")
+    if model == "posterior":
+        return posterior_map(J, P, n_samples, c, ridge, tau)
     raise PtqdError(f"unknown correction model {model!r}: use one of {', '.join(MODELS)}")
+
+
+def _sel(dim: int, idx) -> np.ndarray:
+    """The (dim, len(idx)) matrix that picks entries ``idx`` of v = [ε, ε̂, x_t, 1]."""
+    return np.eye(dim)[:, np.asarray(idx, dtype=np.int64)]
+
+
+def _regress(J, P, n_samples, Lf, Lt, ridge, pixel):
+    """Least squares of the targets Lᵀ_t v on the features Lᵀ_f v (rows of v = [ε, ε̂, x_t, 1]), from moments.
+
+    ``pixel``: the features carry no constant and a per-pixel intercept is fitted (moments centred per
+    pixel); otherwise the last feature column must be the constant. Returns B (features × targets),
+    the pixel intercept (targets × H·W) or None, and the residual covariance S (targets × targets, per
+    element)."""
+    N = max(float(J[-1, -1]), 1.0)
+    k = Lf.shape[1]
+    if pixel:
+        n = float(n_samples)
+        Pf, Pt = Lf[:-1].T @ P, Lt[:-1].T @ P
+        G = Lf.T @ J @ Lf - Pf @ Pf.T / n
+        H = Lf.T @ J @ Lt - Pf @ Pt.T / n
+        B = _solve(G, H, ridge, const=None) if k else np.zeros((0, Lt.shape[1]))
+        bias = (Pt - B.T @ Pf) / n
+        Gtt = Lt.T @ J @ Lt - Pt @ Pt.T / n
+        S = (Gtt - B.T @ H - H.T @ B + B.T @ G @ B) / N
+        return B, bias, S
+    B = _solve(Lf.T @ J @ Lf, Lf.T @ J @ Lt, ridge, const=k - 1)
+    R = Lt - Lf @ B
+    return B, None, R.T @ J @ R / N
+
+
+def error_model(J: np.ndarray, P: np.ndarray, n_samples: int, c: int, ridge: float = 0.0, pixel: bool = False) -> dict:
+    """The fitted error model ε̂ ≈ A ε + M x_t + μ (or + b(pixel)) + noise of covariance S, with the guards
+    ``debias`` needs: where ε and x_t are collinear M is left out; where A's smallest singular value is below
+    :data:`MIN_GAIN` (the quantized output barely follows ε) A is taken as I and M, μ (or b) are refitted
+    with that A, as the regression of ε̂ − ε on [x_t, 1]."""
+    ix = _idx(c)
+    d = 3 * c + 1
+    ex = ix["e"] if _collinear(J, ix) else np.concatenate([ix["e"], ix["x"]])
+    Lf = _sel(d, ex if pixel else np.concatenate([ex, ix["one"]]))
+    B, bias_q, S = _regress(J, P, n_samples, Lf, _sel(d, ix["q"]), ridge, pixel)
+    A = B[:c].T
+    M = B[c : 2 * c].T if len(ex) == 2 * c else np.zeros((c, c))
+    mu = np.zeros(c) if pixel else B[len(ex)]
+    fallback = not np.all(np.isfinite(A)) or np.linalg.svd(A, compute_uv=False).min() < MIN_GAIN
+    if fallback:  # do not amplify the noise: A = I, and M, μ fitted for that A (what is left of ε̂ − ε)
+        A = np.eye(c)
+        Lf = _sel(d, ix["x"] if pixel else np.concatenate([ix["x"], ix["one"]]))
+        B, bias_q, S = _regress(J, P, n_samples, Lf, _sel(d, ix["q"]) - _sel(d, ix["e"]), ridge, pixel)
+        M = B[:c].T
+        mu = np.zeros(c) if pixel else B[c]
+    return {"A": A, "M": M, "mu": mu, "bias": bias_q, "S": S, "fallback": bool(fallback), "uses_x": bool(fallback or len(ex) == 2 * c)}
 
 
 def _debias_map(J, P, n_samples, c, ridge, pixel: bool):
     """Fit ε̂ ≈ A ε + M x_t + μ (or + b(pixel)) and invert it into W over [ε̂, x_t, 1] (+ pixel bias)."""
-    ix = _idx(c)
-    ex = np.concatenate([ix["e"], ix["x"]])
-    if _collinear(J, ix):  # x_t ≈ ε (the noisiest steps): A and M cannot be told apart, so M is left out
-        ex = ix["e"]
-    if pixel:
-        n = float(n_samples)
-        Pf, Pq = P[ex], P[ix["q"]]
-        B = _solve(J[np.ix_(ex, ex)] - Pf @ Pf.T / n, J[np.ix_(ex, ix["q"])] - Pf @ Pq.T / n, ridge, const=None)
-        mu = np.zeros(c)
-        bias_q = (Pq - B.T @ Pf) / n  # (C, HW)
-    else:
-        f = np.concatenate([ex, ix["one"]])
-        B = _solve(J[np.ix_(f, f)], J[np.ix_(f, ix["q"])], ridge, const=len(f) - 1)
-        mu, bias_q = B[len(ex)], None
-    A = B[:c].T  # ε̂ = A ε + M x + μ
-    M = B[c : 2 * c].T if len(ex) == 2 * c else np.zeros((c, c))
-    mu = mu if pixel or len(ex) == 2 * c else B[c]
-    if not np.all(np.isfinite(A)) or np.linalg.svd(A, compute_uv=False).min() < MIN_GAIN:
-        A = np.eye(c)  # the quantized output barely follows ε here: do not amplify its noise
+    em = error_model(J, P, n_samples, c, ridge, pixel)
+    A, M, mu, bias_q = em["A"], em["M"], em["mu"], em["bias"]
     Ainv = np.linalg.inv(A)
     W = np.zeros((2 * c + 1, c))
     W[:c] = Ainv.T
     W[c : 2 * c] = -M.T @ Ainv.T
     W[2 * c] = -mu @ Ainv.T
     return W, (None if bias_q is None else -Ainv @ bias_q)
+
+
+def posterior_map(J: np.ndarray, P: np.ndarray, n_samples: int, c: int, ridge: float = 0.0, tau: float = math.inf):
+    """The horizon-deflated posterior mean as W over [ε̂, x_t, 1]:
+
+    ε_corr = ε_lin(x) + K_τ (ε̂ − A ε_lin(x) − M x − μ),  K_τ = Σ Aᵀ (A Σ Aᵀ + S/τ)⁻¹,
+
+    with ε_lin(x) = Π x + π the regression of ε on [x_t, 1] (the prior mean) and Σ its residual
+    covariance, A, M, μ, S the error model (:func:`error_model`, with debias' guards). τ = 1 is the
+    Gaussian posterior mean (``content`` without ridge, where M is fitted); τ → ∞ (``math.inf``) gives
+    K = A⁻¹, ``debias``. In between, the noise is weighted as if averaged over τ steps: the leftover of
+    a shrinking estimate keeps its sign from step to step, so the final sample wants less shrinkage
+    than one step does."""
+    if not (tau >= 1):
+        raise PtqdError(f"the posterior model's horizon τ must be ≥ 1 (1: content, inf: debias), got {tau!r}")
+    ix = _idx(c)
+    d = 3 * c + 1
+    Pi_, _, Sigma = _regress(J, P, n_samples, _sel(d, np.concatenate([ix["x"], ix["one"]])), _sel(d, ix["e"]), ridge, False)
+    Px, p0 = Pi_[:c].T, Pi_[c]
+    em = error_model(J, P, n_samples, c, ridge, False)
+    A, M, mu, S = em["A"], em["M"], em["mu"], em["S"]
+    if math.isinf(tau):
+        K = np.linalg.inv(A)
+    else:
+        K = Sigma @ A.T @ np.linalg.pinv(A @ Sigma @ A.T + S / tau)
+    I_KA = np.eye(c) - K @ A
+    W = np.zeros((2 * c + 1, c))
+    W[:c] = K.T
+    W[c : 2 * c] = (I_KA @ Px - K @ M).T
+    W[2 * c] = I_KA @ p0 - K @ mu
+    return W, None
 
 
 MIN_GAIN = 0.05  # smallest singular value of the fitted A that debias inverts; below it A is taken as I

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -220,10 +221,11 @@ def fit(
     meta: dict | None = None,
     ridge: float = defaults.RIDGE,
     heldout: NoiseMoments | None = None,
+    tau: float | None = defaults.POSTERIOR_TAU,
 ) -> NoiseStats:
     """Fit k, μ, σ, r per (bit-width, step) from streamed moments (see module docstring); with joint
     moments also the regression correction models (``ridge``: their penalty), scored on ``moments``
-    and, when given, on the ``heldout`` collection."""
+    and, when given, on the ``heldout`` collection. ``tau``: the ``posterior`` model's horizon (None: ∞)."""
     if ridge < 0 or not np.isfinite(ridge):
         raise PtqdError(f"the ridge penalty must be a finite number ≥ 0, got {ridge}")
     if mean_of not in MEAN_OF:
@@ -274,16 +276,19 @@ def fit(
         moments=moments,
         heldout=heldout,
     )
+    if tau is not None and not (np.isfinite(tau) and tau >= 1):
+        raise PtqdError(f"the posterior model's horizon τ must be a finite number ≥ 1 (or None for ∞), got {tau}")
     if moments.joint is not None:
         meta["ridge"] = float(ridge)
-        _attach_models(stats, ridge)
+        meta["tau"] = None if tau is None else float(tau)
+        _attach_models(stats, ridge, tau)
     return stats
 
 
-def _attach_models(stats: NoiseStats, ridge: float) -> None:
+def _attach_models(stats: NoiseStats, ridge: float, tau: float | None = defaults.POSTERIOR_TAU) -> None:
     """The regression maps, every model's scores and x_t's variance, from the joint moments."""
     moments, heldout = stats.moments, stats.heldout
-    _fit_maps(stats, moments, ridge)
+    _fit_maps(stats, moments, ridge, tau)
     stats.mse["fit"] = score_models(stats, moments)
     if heldout is not None and heldout.joint is not None:
         stats.mse["heldout"] = score_models(stats, heldout)
@@ -296,16 +301,18 @@ def _attach_models(stats: NoiseStats, ridge: float) -> None:
     stats.x_var = ex2 - (ex**2).mean(-1)
 
 
-def _fit_maps(stats: NoiseStats, moments: NoiseMoments, ridge: float) -> None:
+def _fit_maps(stats: NoiseStats, moments: NoiseMoments, ridge: float, tau: float | None = defaults.POSTERIOR_TAU) -> None:
     c, n = moments.channels, moments.num_samples
     J, P = moments.joint["J"], moments.joint["P"]
     nb, ns = J.shape[:2]
     for model in cm.MAPS:
+        if model in cm.TRAJECTORY_MAPS:  # not a function of the moments: kept as fitted (ptqd.correction.matched)
+            continue
         W = np.zeros((nb, ns, 2 * c + 1, c))
-        bias = np.zeros((nb, ns, c, P.shape[-1])) if model == "content-pixel" else None
+        bias = np.zeros((nb, ns, c, P.shape[-1])) if model in cm.PIXEL else None
         for b in range(nb):
             for s in range(ns):
-                w, bb = cm.fit_map(J[b, s], P[b, s], n, c, model, ridge)
+                w, bb = cm.fit_map(J[b, s], P[b, s], n, c, model, ridge, math.inf if tau is None else tau)
                 if not (np.isfinite(w).all() and (bb is None or np.isfinite(bb).all())):
                     raise PtqdError(
                         f"the {model!r} correction model is not finite at step {s + 1}/{ns} (t={moments.timesteps[s]}) for "
@@ -523,9 +530,14 @@ def load_stats(path: str | Path) -> NoiseStats:
     )
     if moments is not None and moments.joint is not None:
         try:
-            _attach_models(stats, float(meta.get("ridge", defaults.RIDGE)))
+            _attach_models(stats, float(meta.get("ridge", defaults.RIDGE)), meta.get("tau", defaults.POSTERIOR_TAU))
         except PtqdError as e:
             raise PtqdError(f"{path}: {e}; {fix}") from None
+        if any(f"map.{m}.W" in arrays for m in cm.TRAJECTORY_MAPS):  # maps that are not refitted from the moments
+            _read_maps(stats, {k: v for k, v in arrays.items() if any(k.startswith(f"map.{m}.") for m in cm.TRAJECTORY_MAPS)}, path, fix)
+            stats.mse["fit"] = score_models(stats, moments)
+            if heldout is not None and heldout.joint is not None:
+                stats.mse["heldout"] = score_models(stats, heldout)
     else:  # fitted maps stored without their moments (an exported checkpoint)
         _read_maps(stats, arrays, path, fix)
     return stats
@@ -567,7 +579,7 @@ def _read_moments(arrays: dict[str, np.ndarray], prefix: str, meta: dict[str, An
 STATS_META_SCHEMA = {
     "model_fingerprint": "str", "quant_fingerprint": "str", "weight_bits": "int", "scheduler": "str", "steps": "int",
     "eta": "number|null", "guidance": "number|null", "num_samples?": "int", "seed?": "int", "elements?": "int", "channels?": "int",
-    "ridge?": "number", "heldout_samples?": "int", "heldout_seed?": "int", "drive?": "str",
+    "ridge?": "number", "tau?": "number|null", "heldout_samples?": "int", "heldout_seed?": "int", "drive?": "str",
 }
 
 
@@ -651,6 +663,7 @@ class StatsRequest:
     heldout_samples: int | None = None  # None: a quarter of num_samples, at most defaults.HELDOUT_SAMPLES; 0: none
     heldout_seed: int = defaults.HELDOUT_SEED
     ridge: float = defaults.RIDGE
+    tau: float | None = defaults.POSTERIOR_TAU  # the posterior model's horizon (None: ∞)
     drive: str = "fp"  # "quantized": the quantized network drives the trajectories (see collect_moments)
 
     def validate(self) -> None:
@@ -659,6 +672,8 @@ class StatsRequest:
             raise PtqdError(f"--heldout-samples must be 0 (none) or at least 2, got {self.heldout_samples}")
         if not (self.ridge >= 0 and np.isfinite(self.ridge)):
             raise PtqdError(f"--ridge must be a finite number ≥ 0, got {self.ridge}")
+        if self.tau is not None and not (np.isfinite(self.tau) and self.tau >= 1):
+            raise PtqdError(f"--tau must be a finite number ≥ 1 (1: the content model, larger: towards debias), got {self.tau}")
         if self.drive not in DRIVES:
             raise PtqdError(f"--drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
         if self.mean_of not in MEAN_OF:

@@ -359,6 +359,11 @@ def _export_stats(run, out: Path) -> list[dict[str, Any]]:
     for stats in sources:
         src = Path(stats_name_of(stats))
         stats = dataclasses.replace(stats, moments=None, heldout=None)  # the fitted maps and their scores stay
+        from ptqd.correction.apply import guards_of
+
+        guards = guards_of(run, stats)  # the final-sample guards fitted in the run: the checkpoint samples as the run did
+        if guards:
+            stats.meta = {**stats.meta, "guards": guards}
         save_stats(stats, out / src.name)
         m = stats.meta
         entry = {
