@@ -620,9 +620,11 @@ def _quantize(args: argparse.Namespace) -> None:
     def pick(value, default):
         return default if value is None else value
 
-    if pick(args.calib_steps, p["calib_steps"]) > args.steps:
-        raise PtqdError(f"--calib-steps {pick(args.calib_steps, p['calib_steps'])} keeps more steps per trajectory than "
+    if args.calib_steps is not None and args.calib_steps > args.steps:
+        raise PtqdError(f"--calib-steps {args.calib_steps} keeps more steps per trajectory than "
                         f"--steps {args.steps} has: lower --calib-steps or raise --steps")
+    if args.calib_steps is None and p["calib_steps"] > args.steps:
+        print(f"note: calibration keeps all {args.steps} steps of each trajectory (the preset's {p['calib_steps']} is more than --steps)")
 
     options = CalibrationOptions(
         method=args.method,
