@@ -471,7 +471,6 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
         plan = plan_sampling(run, config, correct, args.act_bits, args.low_bit_steps, args.criterion or DEFAULT_CRITERION,
                              fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation or defaults.BUDGET_PROPAGATION)
         model = plan.model
-        plan.record["fp_model_fingerprint"] = run.config.get("model_fingerprint")  # the FP model: `evaluate --against` checks it
         if getattr(run.qnet, "ptqd_backend", None):
             plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}
         if ctx.main:
