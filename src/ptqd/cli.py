@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give a run directory or checkpoint without an integrity record one, after checking what can be checked")
     u.add_argument("path", type=Path, help="quantization run directory or exported checkpoint")
     u.add_argument("--model", default=None, help="where the run's FP model is now, if it moved")
+    u.add_argument("--force", action="store_true", help="write the record even when the quantized network's error looks too large")
 
     r = sub.add_parser(formatter_class=_Help, name="report", help="plots and a markdown summary of a run's noise statistics")
     r.add_argument("run", type=Path, help="quantization run directory")
@@ -373,7 +374,7 @@ def _run(args: argparse.Namespace) -> int:
         from ptqd.models import load
         from ptqd.runs import upgrade
 
-        result = upgrade(args.path, model=load(args.model) if args.model else None)
+        result = upgrade(args.path, model=load(args.model) if args.model else None, force=args.force)
         if not result["upgraded"]:
             print(result["note"])
         else:
