@@ -364,7 +364,7 @@ def test_upgrade_refuses_damaged_activation_scales(run_dir, tmp_path, capsys):
 
     def damage(t):
         for k in t:
-            if "act_quantizer" in k and k.endswith("scale"):
+            if "act_quantizers" in k and ".scale" in k:
                 t[k] = t[k] * 1e-3
 
     _edit_state(run / "quant_state.safetensors", damage)
@@ -520,7 +520,7 @@ OPTIONS = [  # (id, argv, words): every one must name both options
     ("budget-with-criterion", ["sample", "{run}", "--fidelity-budget", "1.5", "--criterion", "snr"], ["--fidelity-budget", "--criterion"]),
     ("propagation-without-budget", ["sample", "{run}", "--budget-propagation", "gaussian"], ["--budget-propagation", "--fidelity-budget"]),
     ("stats-steps-0", ["stats", "{run}", "--steps", "0", "--no-progress"], ["steps", "0"]),
-    ("calib-steps-above-steps", [*QUANT[:-2], "--calib-steps", "5", "--no-progress", "--out", "{tmp}/q"], ["--calib-steps 5", "--steps 2"]),
+    ("calib-steps-above-steps", [*QUANT[:-1], "--calib-steps", "5", "--no-progress", "--out", "{tmp}/q"], ["--calib-steps 5", "--steps 2"]),
 ]
 
 

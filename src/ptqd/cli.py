@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give a run directory or checkpoint without an integrity record one, after checking what can be checked")
     u.add_argument("path", type=Path, help="quantization run directory or exported checkpoint")
     u.add_argument("--model", default=None, help="where the run's FP model is now, if it moved")
+    u.add_argument("--force", action="store_true", help="write the record even when the quantized network's error looks too large")
 
     r = sub.add_parser(formatter_class=_Help, name="report", help="plots and a markdown summary of a run's noise statistics")
     r.add_argument("run", type=Path, help="quantization run directory")
@@ -386,7 +387,7 @@ def _run(args: argparse.Namespace) -> int:
         from ptqd.models import load
         from ptqd.runs import upgrade
 
-        result = upgrade(args.path, model=load(args.model) if args.model else None)
+        result = upgrade(args.path, model=load(args.model) if args.model else None, force=args.force)
         if not result["upgraded"]:
             print(result["note"])
         else:
@@ -489,7 +490,6 @@ def _sample(args: argparse.Namespace, ctx, device: str) -> None:
                              fidelity_budget=args.fidelity_budget, budget_propagation=args.budget_propagation or defaults.BUDGET_PROPAGATION,
                              guard=not args.no_guard, progress=not args.no_progress and ctx.main)
         model = plan.model
-        plan.record["fp_model_fingerprint"] = run.config.get("model_fingerprint")  # the FP model: `evaluate --against` checks it
         if getattr(run.qnet, "ptqd_backend", None):
             plan.record["checkpoint"] = {"path": str(args.run), "backend": run.qnet.ptqd_backend}
         if ctx.main:
@@ -642,9 +642,11 @@ def _quantize(args: argparse.Namespace) -> None:
     def pick(value, default):
         return default if value is None else value
 
-    if pick(args.calib_steps, p["calib_steps"]) > args.steps:
-        raise PtqdError(f"--calib-steps {pick(args.calib_steps, p['calib_steps'])} keeps more steps per trajectory than "
+    if args.calib_steps is not None and args.calib_steps > args.steps:
+        raise PtqdError(f"--calib-steps {args.calib_steps} keeps more steps per trajectory than "
                         f"--steps {args.steps} has: lower --calib-steps or raise --steps")
+    if args.calib_steps is None and p["calib_steps"] > args.steps:
+        print(f"note: calibration keeps all {args.steps} steps of each trajectory (the preset's {p['calib_steps']} is more than --steps)")
 
     options = CalibrationOptions(
         method=args.method,

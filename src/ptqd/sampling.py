@@ -212,6 +212,9 @@ def sample(
 def sample_record(model: DiffusionModel, num: int, config: SamplerConfig, corrector=None) -> dict[str, Any]:
     """What a sampling run records beside its images: model, sampler settings, corrector."""
     record = {"model": model.name, "model_fingerprint": model.fingerprint(), "num": num, **asdict(config)}
+    run = model.info.get("run") if isinstance(model.info, dict) else None
+    if isinstance(run, dict) and run.get("model_fingerprint"):  # a quantized model: its FP model (`evaluate --against` checks it)
+        record["fp_model_fingerprint"] = run["model_fingerprint"]
     if not model.conditional:
         record["guidance"] = None
     if model.prompts is not None:

@@ -95,6 +95,18 @@ def _show(v: Any) -> str:
     return repr(v)
 
 
+QUANTIZED_KEYS = ("act_bits", "correction", "bit_schedule", "checkpoint", "corrector")
+
+
+def _fp_fingerprint(samples) -> str | None:
+    """The fingerprint of the FP model behind a samples file: its own for FP samples, the recorded
+    ``fp_model_fingerprint`` for quantized ones (None where an older quantized file does not say)."""
+    c = samples.config
+    if c.get("fp_model_fingerprint"):
+        return c["fp_model_fingerprint"]
+    return None if any(k in c for k in QUANTIZED_KEYS) else c.get("model_fingerprint")
+
+
 def check_pair(samples, fp, names: tuple[str, str] = ("samples", "FP samples")) -> list[str]:
     """Refuse a pair whose seed, labels, prompts, sample count or image shape differ (naming the field);
     return notes on sampler settings that differ (allowed, but the pairing then means less)."""
@@ -113,7 +125,7 @@ def check_pair(samples, fp, names: tuple[str, str] = ("samples", "FP samples")) 
                 f"with the FP image made from the same seed, label and prompt; sample the FP model with the same "
                 f"--seed, --num, --labels and prompts"
             )
-    ka, kb = (s.config.get("fp_model_fingerprint") or s.config.get("model_fingerprint") for s in (samples, fp))
+    ka, kb = (_fp_fingerprint(s) for s in (samples, fp))
     if ka is not None and kb is not None and ka != kb:
         raise PtqdError(
             f"{names[0]} and {names[1]} come from different models (FP model fingerprint {ka} vs {kb}): paired metrics "
