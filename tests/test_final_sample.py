@@ -204,7 +204,21 @@ def test_guard_switches_off_a_correction_built_to_hurt_and_keeps_one_that_helps(
     mixed.stats.mu[0, :4] = -0.4
     g = fit_guard(model, q8, mixed, sampler, num=16, seed=11, blocks=5)
     assert g["mse"][g["chosen"]] <= min(g["mse"]["none"], g["mse"]["full"])
+    # each candidate's calibration MSE is that of the sampler run with it (same noise as sampling)
+    for name, lam in (("full", [1.0] * 5), ("none", [0.0] * 5)):
+        mixed.blend = {int(t): v for t, v in zip(ts, np.repeat(lam, 2))}
+        x = _final_images_mse(model, quantized, mixed, sampler, num=16, seed=11)
+        assert g["mse"][name] == pytest.approx(x, rel=1e-6), name
     assert g["lambda_fit"][0] < 0.5 and g["lambda_fit"][-1] > 0.5
+
+
+def _final_images_mse(model, quantized, corrector, sampler, num, seed):
+    from ptqd.sampling import trajectories
+
+    run = dataclasses.replace(sampler, seed=seed)
+    fp = model.to_images(trajectories(model, range(num), run)).double()
+    q = trajectories(model, range(num), run, denoise=lambda x, t, y, gd: quantized(8, x, t, y, gd), corrector=corrector)
+    return float(((model.to_images(q).double() - fp) ** 2).mean())
 
 
 def test_block_bounds():

@@ -597,7 +597,7 @@ def guard_for(run, stats: NoiseStats, sampler: SamplerConfig, parts, schedule: d
 
     key = {"stats": stats_name_for(stats), "quant_fingerprint": quant_fingerprint(run.qnet), "parts": list(parts),
            "schedule": {str(t): int(b) for t, b in schedule.items()}, "ridge": stats.meta.get("ridge"), "tau": stats.meta.get("tau"),
-           "num": defaults.GUARD_SAMPLES, "seed": defaults.GUARD_SEED, "blocks": defaults.GUARD_BLOCKS,
+           "num": defaults.GUARD_SAMPLES, "seed": defaults.GUARD_SEED, "blocks": defaults.GUARD_BLOCKS, "version": 2,
            "guidance": float(sampler.guidance) if run.base.conditional else None}
     tag = json.dumps(key, sort_keys=True)
     cache = getattr(run, "_ptqd_guards", {})

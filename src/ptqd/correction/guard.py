@@ -99,10 +99,11 @@ def fit_guard(fp, denoise: Callable, corrector, sampler: SamplerConfig, num: int
     gens = sample_generators(seed, range(num))
     x0 = torch.stack([torch.randn((fp.channels, fp.image_size, fp.image_size), generator=g) for g in gens]).to(device)
     x0 = x0 * sched.init_noise_sigma
+    start_states = [g.get_state() for g in gens]  # after the initial noise: every run draws the same step noise
     before = getattr(corrector, "blend", None)
     try:
         nb = len(bounds)
-        base, saved = run_from(0, x0, [g.get_state() for g in gens], np.zeros(nb))
+        base, saved = run_from(0, x0, start_states, np.zeros(nb))
         responses = []
         for b, (a, _) in enumerate(bounds):
             lam = np.zeros(nb)
@@ -128,7 +129,7 @@ def fit_guard(fp, denoise: Callable, corrector, sampler: SamplerConfig, num: int
         if np.allclose(lam_fit, 1.0):
             mse["full"] = mse["fit"]
         else:
-            out, _ = run_from(0, x0, [g.get_state() for g in sample_generators(seed, range(num))], np.ones(nb))
+            out, _ = run_from(0, x0, start_states, np.ones(nb))
             mse["full"] = float(((out - target) ** 2).mean())
     finally:
         bar.close()
