@@ -164,10 +164,17 @@ def profile_one(call, backend: str, reps: int = 3) -> dict:
 def cmd_profile(args) -> None:
     ck = checkpoints(args.work)
     out = {"command": "python " + " ".join(sys.argv), "cpu": cpu_info(), "models": {}}
+    only = args.backends.split(",") if args.backends else None
+    if only and (args.out / "results.json").exists():  # re-profile some rows, keep the others
+        old = json.loads((args.out / "results.json").read_text())
+        out["models"] = old["models"]
+        out["command"] = old["command"] + "; rows " + ", ".join(only) + " again with: python " + " ".join(sys.argv)
     for name, images in MODELS.items():
         models = load_models(name, ck)
-        out["models"][name] = {}
+        out["models"].setdefault(name, {})
         for be, m in models.items():
+            if only and be not in only:
+                continue
             guidance = 3.0 if m.conditional else 1.0
             call = denoiser_call(m, images, guidance)
             slow = be == "bf16" and "avx512_bf16" not in cpu_info()["simd_flags"]  # emulated bf16: 10x slower, fewer calls
@@ -303,6 +310,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--sample-repeats", type=int, default=5)
+    p.add_argument("--backends", default=None, help="profile: only these rows (e.g. int-w8a8,int-w4a8), merged into an existing --out")
     p.add_argument("--bf16-repeats", type=int, default=3, help="repeats of the bf16 rows on CPUs without native bf16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
