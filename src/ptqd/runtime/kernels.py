@@ -21,9 +21,8 @@ Kernels, picked by the device of the input and, on the CPU, by its instruction s
   exact contribution goes into the bias and, where padding cuts taps off, either the uint8 input is
   padded with the zero point or border rows and columns are patched (``IntLayer._zero_point_terms``).
 * ``onednn-split`` (CPU without VNNI, e.g. AVX2 only): the same, but 8-bit weights beyond ±64 run as
-  two halves within ±64 (those CPUs sum adjacent u8·s8 products in saturating int16); the second
-  half's convolution is added onto the first's output inside oneDNN (sum post-op). 4-bit weights
-  need no split and run in one pass.
+  two halves within ±64 (those CPUs sum adjacent u8·s8 products in saturating int16), two kernel
+  calls and one add. 4-bit weights need no split and run in one pass.
 * ``intmm`` (CUDA; also runs on CPU for testing, slowly): ``torch._int_mm`` on int8 matrices
   (im2col for convolutions), activations shifted to int8 by −128 with the shift corrected by the
   weights' column sums.
@@ -287,18 +286,22 @@ class IntLayer(QuantLayer):
             offsets = bool((d != 0).any())
             grouped = self.kind == "conv" and self.fp.groups != 1
             extra = offsets and not grouped
+            pad = 0
             if extra:
-                w8 = torch.cat([w8, torch.ones_like(w8[:1])])
-                ws = torch.cat([ws, ws.new_ones(1)])
+                # the ones channel, then zero channels up to a multiple of 16 output channels: oneDNN's x86 int8
+                # kernels run channel counts off their 8/16 blocks much slower (measured ~2x on AVX2)
+                pad = (-(w8.shape[0] + 1)) % 16
+                w8 = torch.cat([w8, torch.ones_like(w8[:1]), torch.zeros_like(w8[:1]).expand(pad, *w8.shape[1:])])
+                ws = torch.cat([ws, ws.new_ones(1 + pad)])
             bias = self.bias_fp if i == 0 else None
             fp = self.fp
             coef = (d.float() * getattr(self, f"wscale_{i}")).contiguous()
-            bias_ext = torch.cat([bias, bias.new_zeros(1)]) if extra and bias is not None else bias
+            bias_ext = torch.cat([bias, bias.new_zeros(1 + pad)]) if extra and bias is not None else bias
             plan = {"ws": ws.contiguous(), "zeros": torch.zeros(ws.numel(), dtype=torch.long), "bias": bias, "bias_ext": bias_ext,
-                    "extra": extra, "n": coef.numel(), "grouped_offsets": offsets and grouped,
+                    "extra": extra, "pad_channels": pad, "n": coef.numel(), "grouped_offsets": offsets and grouped,
                     "part": i, "wscale": getattr(self, f"wscale_{i}"), "by_grid": {}}
             # split kernel (CPUs without VNNI): weights beyond ±64 run as two halves within ±64 (exact: the
-            # int32 sums add up); the second half's conv adds onto the first's output in oneDNN (sum post-op)
+            # int32 sums add up); the second half keeps every output channel, so its output adds in one pass
             lo = None
             if split and int(w8.abs().max()) > SAFE_PAIR_WEIGHT:
                 hi = w8.clamp(-SAFE_PAIR_WEIGHT, SAFE_PAIR_WEIGHT)
@@ -339,7 +342,7 @@ class IntLayer(QuantLayer):
         if p["bias"] is not None:
             bias = p["bias"] + bias
         if p["extra"]:
-            bias = torch.cat([bias, bias.new_zeros(1)])  # the extra channel's Σ q_x takes no zero point
+            bias = torch.cat([bias, bias.new_zeros(1 + p["pad_channels"])])  # the extra channel's Σ q_x takes no zero point
         patches = []
         if self.kind == "conv" and borders:
             stride, padding, dilation, groups = p["geometry"]
@@ -379,23 +382,22 @@ class IntLayer(QuantLayer):
             out = torch.ops.onednn.qconv2d_pointwise(
                 xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, *geometry, 1.0, 0, torch.float32, "none", [], "",
             )
-            if p["packed_lo"] is not None:  # the second half of wide 8-bit weights, summed into ``out`` by oneDNN
-                out = torch.ops.onednn.qconv2d_pointwise.binary(
-                    xq, s_x, 0, p["packed_lo"], p["ws"], p["zeros"], out, None, *geometry, 1.0, 0, torch.float32,
-                    1.0, 0, "sum", 1.0, "none", [], "",
-                )
+            if p["packed_lo"] is not None:  # the second half of wide 8-bit weights (same output channels)
+                # a separate call and one add: oneDNN's fp32 sum post-op (qconv2d_pointwise.binary) was measured
+                # 1.5x slower on AVX2 (benchmarks/results/runtime/profile)
+                out.add_(torch.ops.onednn.qconv2d_pointwise(
+                    xq, s_x, 0, p["packed_lo"], p["ws"], p["zeros"], None, *geometry, 1.0, 0, torch.float32, "none", [], "",
+                ))
         else:
             out = torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, 1.0, 0, torch.float32, "none", [], "")
             if p["packed_lo"] is not None:
-                out = torch.ops.onednn.qlinear_pointwise.binary(
-                    xq, s_x, 0, p["packed_lo"], p["ws"], p["zeros"], out, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "",
-                )
+                out.add_(torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed_lo"], p["ws"], p["zeros"], None, 1.0, 0, torch.float32, "none", [], ""))
         if p["extra"]:
             n = p["n"]
             if self.kind == "conv":
-                out = torch.addcmul(out[:, :n], out[:, n:], p["coef"])
+                out = torch.addcmul(out[:, :n], out[:, n : n + 1], p["coef"])
             else:
-                out = torch.addcmul(out[..., :n], out[..., n:], p["coef"])
+                out = torch.addcmul(out[..., :n], out[..., n : n + 1], p["coef"])
         for rows, cols, patch in patches:
             out[:, :, rows, cols] += patch
         if p["grouped_offsets"]:  # grouped convolution with offsets: channel sums per group
