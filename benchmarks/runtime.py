@@ -1,7 +1,15 @@
-"""Real low-bit execution: sampling throughput of fp32 vs simulated vs integer models, checkpoint sizes, peak memory.
+"""Real low-bit execution: sampling throughput of fp32 (and bf16/fp16 autocast) vs simulated vs integer models,
+checkpoint sizes, peak memory.
 
-    OMP_NUM_THREADS=1 python benchmarks/runtime.py --threads 1 --out benchmarks/results/runtime
-    python benchmarks/runtime.py --device cuda --quick --out runtime_cuda     # one short GPU call
+    OMP_NUM_THREADS=2 python benchmarks/runtime.py --threads 2 --out benchmarks/results/runtime
+    python benchmarks/runtime.py --device cuda --quick --out benchmarks/results/runtime/cuda   # one GPU call, < 5 min
+
+The free baselines are rows of every table: ``fp32`` and ``bf16`` (the FP model under
+``torch.autocast(device, dtype=torch.bfloat16)``, no calibration), on CUDA also ``fp16`` autocast.
+On the CPU the integer layers run oneDNN u8·s8 kernels (``ptqd.runtime.kernel_for``: one pass with
+VNNI/AMX, wide 8-bit weights as two halves on AVX2-only CPUs); on CUDA ``torch._int_mm`` (PyTorch's
+int8 GEMM, cuBLASLt), convolutions as im2col GEMMs. ``--quick`` on CUDA: the CIFAR-size UNet at
+batches 1, 8 and 32.
 
 Models: the bundled digits16-cond (DDIM, guidance 3, so two UNet batches per step) and a
 CIFAR-10-sized UNet2DModel (block_out_channels (128, 256, 256, 256), 35.7M parameters, random
@@ -92,10 +100,21 @@ def make_checkpoints(name: str, work: Path, bits: list[tuple[int, int]], quick: 
     return out
 
 
+FLOAT_BACKENDS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(backend: str, device: str):
+    """The autocast context of a float baseline row (none for fp32 and the quantized rows)."""
+    from contextlib import nullcontext
+
+    dtype = FLOAT_BACKENDS.get(backend)
+    return torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def load_backend(name: str, backend: str, ckpt: str | None, device: str):
     from ptqd.runtime import load_checkpoint
 
-    model = fp_model(name) if backend == "fp32" else load_checkpoint(ckpt, backend="int" if backend.startswith("int") else "fake").model
+    model = fp_model(name) if backend in FLOAT_BACKENDS else load_checkpoint(ckpt, backend="int" if backend.startswith("int") else "fake").model
     return model.to(device)
 
 
@@ -106,11 +125,13 @@ def timed_runs(models: dict, batches: list[int], steps: int, repeats: int, devic
     out = {be: {"rows": {}} for be in models}
     for b in batches:
         for be, m in models.items():  # warm-up (first calls, prepacking)
-            sampling_loop(m, b, steps, 3.0 if m.conditional else 1.0)
+            with autocast(be, device):
+                sampling_loop(m, b, steps, 3.0 if m.conditional else 1.0)
         per = {be: [] for be in models}
         for _ in range(repeats):
             for be, m in models.items():
-                per[be].append(time_sampling(m, b, steps, 3.0 if m.conditional else 1.0, repeats=1, warmup=0)["seconds"][0])
+                with autocast(be, device):
+                    per[be].append(time_sampling(m, b, steps, 3.0 if m.conditional else 1.0, repeats=1, warmup=0)["seconds"][0])
         for be, times in per.items():
             med = sorted(times)[len(times) // 2]
             out[be]["rows"][str(b)] = {"batch": b, "steps": steps, "seconds": times, "median_s": round(med, 4), "images_per_second": round(b / med, 3)}
@@ -126,7 +147,8 @@ def peak_memory(name: str, backend: str, ckpt: str | None, batch: int, device: s
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     m = load_backend(name, backend, ckpt, device)
-    sampling_loop(m, batch, 1, 3.0 if m.conditional else 1.0)
+    with autocast(backend, device):
+        sampling_loop(m, batch, 1, 3.0 if m.conditional else 1.0)
     if device == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak_rss_mb()
@@ -178,23 +200,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime"))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="few steps and repeats (a GPU run well under 90 s)")
-    p.add_argument("--models", default="digits16-cond,cifar10-size")
-    p.add_argument("--batches", default="1,16")
+    p.add_argument("--quick", action="store_true", help="few steps and repeats; on CUDA the CIFAR-size UNet at batches 1, 8, 32 (< 5 min)")
+    p.add_argument("--models", default=None, help="default digits16-cond,cifar10-size (CUDA --quick: cifar10-size)")
+    p.add_argument("--batches", default=None, help="default 1,16 (CUDA --quick: 1,8,32)")
+    p.add_argument("--no-fake", action="store_true", help="leave out the simulated (fake-quantized) row")
     p.add_argument("--steps", type=int, default=None, help="sampling steps per timed run (default 5, quick 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row, median reported (default 3, quick 2)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-isolate", action="store_true", help="CPU: skip the per-backend peak-memory processes")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here")
+        sys.exit(f"--device cuda: this PyTorch ({torch.__version__}) sees no CUDA device; run it on a machine with an NVIDIA GPU "
+                 "and a CUDA build of PyTorch, or use --device cpu")
+    gpu_quick = args.device == "cuda" and args.quick
     steps = args.steps or (3 if args.quick else 5)
     repeats = args.repeats or (2 if args.quick else 3)
-    batches = [int(b) for b in args.batches.split(",")]
+    models_arg = args.models or ("cifar10-size" if gpu_quick else "digits16-cond,cifar10-size")
+    batches = [int(b) for b in (args.batches or ("1,8,32" if gpu_quick else "1,16")).split(",")]
     isolate = args.device == "cpu" and not args.no_isolate
     torch.set_num_threads(args.threads)
+    from ptqd.runtime.kernels import cpu_features, kernel_for
+
     results = {
         "command": "python " + " ".join(sys.argv),
+        "cpu": cpu_description(), "int_kernel": kernel_for(torch.device(args.device)), "cpu_isa": cpu_features(),
         "ptqd": __version__, "torch": torch.__version__, "device": args.device,
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
                  "load_avg_start": os.getloadavg()},
@@ -206,11 +235,16 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name in args.models.split(","):
+        for name in models_arg.split(","):
             print(f"== {name}: quantizing and exporting", flush=True)
             ck = make_checkpoints(name, work, [(8, 8), (4, 8)], args.quick)
             entry = {"checkpoints": {k: {kk: vv for kk, vv in v.items() if kk != "path"} if isinstance(v, dict) else v for k, v in ck.items()}}
-            plan = {"fp32": None, "fake-w8a8": ck["w8a8"]["path"], "int-w8a8": ck["w8a8"]["path"], "int-w4a8": ck["w4a8"]["path"]}
+            plan = {"fp32": None, "bf16": None}
+            if args.device == "cuda":
+                plan["fp16"] = None
+            if not args.no_fake:
+                plan["fake-w8a8"] = ck["w8a8"]["path"]
+            plan.update({"int-w8a8": ck["w8a8"]["path"], "int-w4a8": ck["w4a8"]["path"]})
             print("   timing " + ", ".join(plan), flush=True)
             models = {be: load_backend(name, be, path, args.device) for be, path in plan.items()}
             entry["backends"] = timed_runs(models, batches, steps, repeats, args.device)
@@ -221,8 +255,13 @@ def main() -> None:
                 elif args.device == "cuda":
                     entry["backends"][be]["peak_gpu_mb"] = peak_memory(name, be, path, max(batches), args.device, args.threads)
             fp = entry["backends"]["fp32"]["rows"]
+            bf = entry["backends"]["bf16"]["rows"]
             entry["speedup_vs_fp32"] = {
                 be: {b: round(r["rows"][b]["images_per_second"] / fp[b]["images_per_second"], 3) for b in r["rows"]}
+                for be, r in entry["backends"].items()
+            }
+            entry["speedup_vs_bf16"] = {
+                be: {b: round(r["rows"][b]["images_per_second"] / bf[b]["images_per_second"], 3) for b in r["rows"]}
                 for be, r in entry["backends"].items()
             }
             results["models"][name] = entry
@@ -235,23 +274,43 @@ def main() -> None:
     print((args.out / "results.md").read_text())
 
 
+def cpu_description() -> dict:
+    """CPU model name and its SIMD flags (the ones that decide the integer kernels)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    return {"model": model, "simd_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))}
+
+
 def to_markdown(r: dict) -> str:
     mem = "peak GPU MB" if r["device"] == "cuda" else "peak RSS MB"
     lines = [
         f"# Runtime benchmark ({r['device']}{', ' + r['gpu'] if r.get('gpu') else ''}; torch {r['torch']}, {r['host']['threads']} thread(s))",
         "",
-        f"DDIM {r['steps']} steps per timed run, median of {r['repeats']}; images/second, and the ratio to fp32 measured in the same run.",
+        f"CPU: {r['cpu']['model']}, {r['host']['cores']} cores; SIMD flags: {' '.join(r['cpu']['simd_flags'])}; "
+        f"integer kernel: {r['int_kernel']} (CPU ISA {r['cpu_isa']}).",
+        "",
+        f"DDIM {r['steps']} steps per timed run, median of {r['repeats']}; images/second, and the ratios to fp32 and to "
+        "bf16 autocast measured in the same run (rows interleaved).",
         f"Load average at start/end: {', '.join(f'{v:.1f}' for v in r['host']['load_avg_start'])} / "
         f"{', '.join(f'{v:.1f}' for v in r['host']['load_avg_end'])} on {r['host']['cores']} cores (shared machine).",
         "",
-        "| model | backend | " + " | ".join(f"batch {b} img/s | ×fp32" for b in r["batches"]) + f" | {mem} |",
-        "|---|---|" + "---|---|" * len(r["batches"]) + "---|",
+        "| model | backend | " + " | ".join(f"batch {b} img/s | ×fp32 | ×bf16" for b in r["batches"]) + f" | {mem} |",
+        "|---|---|" + "---|---|---|" * len(r["batches"]) + "---|",
     ]
     for name, m in r["models"].items():
         for be, row in m["backends"].items():
             cells = []
             for b in r["batches"]:
-                cells += [f"{row['rows'][str(b)]['images_per_second']:.2f}", f"{m['speedup_vs_fp32'][be][str(b)]:.2f}"]
+                cells += [f"{row['rows'][str(b)]['images_per_second']:.2f}", f"{m['speedup_vs_fp32'][be][str(b)]:.2f}",
+                          f"{m['speedup_vs_bf16'][be][str(b)]:.2f}"]
             memv = row.get("peak_gpu_mb", row.get("peak_rss_mb"))
             lines.append(f"| {name} | {be} | " + " | ".join(cells) + f" | {memv} |")
     if "baseline_rss_mb" in r:

@@ -17,6 +17,7 @@ from ptqd.quant.layers import QuantLayer
 from ptqd.quant.wrap import quant_layers
 from ptqd.runs import export_run, quantize, save_run
 from ptqd.runtime import IntLayer, export, integer_weight, load_checkpoint, measure_speed, read_manifest, set_kernel
+from ptqd.runtime.kernels import KERNELS, cpu_features, cpu_has_vnni, kernel_for, supported_kernels
 from ptqd.runtime.checkpoint import MANIFEST, WEIGHTS
 from ptqd.runtime.pack import pack_nibbles, unpack_nibbles
 from ptqd.sampling import SamplerConfig
@@ -77,7 +78,7 @@ CASES = [  # kind, weight bits, symmetric weights, split, adaround, symmetric ac
 
 
 @pytest.mark.parametrize("kind,wbits,sym_w,split,ada,sym_a", CASES)
-@pytest.mark.parametrize("kernel", ["onednn", "intmm"])
+@pytest.mark.parametrize("kernel", supported_kernels("cpu"))
 def test_integer_layer_matches_simulated(kind, wbits, sym_w, split, ada, sym_a, kernel):
     g = torch.Generator().manual_seed(0)
     if kind == "conv":
@@ -115,13 +116,76 @@ def test_integer_layer_matches_simulated(kind, wbits, sym_w, split, ada, sym_a, 
     assert torch.allclose(il.dequantized_weight(), layer.quantized_weight(), atol=1e-7)
 
 
+def _worst_case_layer(kind, wbits, gen):
+    """A layer whose u8·s8 products are as large as they get: most weights at the ends of their grid
+    (±127 at 8 bits), inputs mostly at the top of theirs (255), all exactly on their grids (no
+    rounding ties): adjacent pairs sum to 2·255·127 > 2**15, what saturating int16 kernels get wrong."""
+    if kind == "conv":
+        fp, meta = nn.Conv2d(32, 24, 3, padding=1), nn.Conv2d(32, 24, 3, padding=1, device="meta")
+        shape = (2, 32, 6, 6)
+    else:
+        fp, meta = nn.Linear(64, 24), nn.Linear(64, 24, device="meta")
+        shape = (2, 5, 64)
+    top = 2 ** (wbits - 1) - 1
+    with torch.no_grad():
+        w = torch.randint(-top, top + 1, fp.weight.shape, generator=gen).float()
+        w[torch.rand(w.shape, generator=gen) < 0.7] = top  # same sign: the pair sums add up
+        fp.weight.copy_(w * 0.01)
+    fp.requires_grad_(False)
+    layer = _calibrated(fp, wbits, True, 0, False)
+    q = torch.randint(0, 256, shape, generator=gen).float()
+    q[torch.rand(shape, generator=gen) < 0.7] = 255
+    x = q * 0.02  # min-max ranges: [0, 255·0.02] with 256 levels, scale 0.02, zero point 0
+    _calibrate_acts(layer, x)
+    return layer, _int_twin(layer, meta), x
+
+
+def test_cpu_kernel_is_chosen_from_the_cpu_flags_and_can_be_forced(monkeypatch):
+    isa = cpu_features()
+    assert isa in ("amx", "avx512_vnni", "avx_vnni", "avx512", "avx2", "other")
+    assert kernel_for(torch.device("cpu")) == ("onednn" if cpu_has_vnni() else "onednn-split")
+    assert kernel_for(torch.device("cuda")) == "intmm"
+    assert "onednn-split" in supported_kernels("cpu") and ("onednn" in supported_kernels("cpu")) == cpu_has_vnni()
+    assert supported_kernels("cuda") == ["intmm"]
+    for k in KERNELS[1:]:
+        set_kernel(k)
+        try:
+            assert kernel_for(torch.device("cpu")) == k == kernel_for(torch.device("cuda"))
+        finally:
+            set_kernel("auto")
+    with pytest.raises(PtqdError, match="unknown integer kernel"):
+        set_kernel("avx9000")
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kernel", supported_kernels("cpu"))
+def test_every_supported_cpu_kernel_is_exact_at_the_saturation_limit(kind, kernel):
+    """Each kernel variant this CPU supports, forced, reproduces the simulated layer on inputs that
+    overflow int16 pair sums (W8A8), and on 4-bit weights (which no kernel needs to split); the
+    VNNI one-pass kernel also runs 4-bit weights exactly on CPUs without VNNI."""
+    g = torch.Generator().manual_seed(5)
+    cases = [(8, kernel), (4, kernel)] + ([] if kernel == "onednn" else [(4, "onednn")])
+    for wbits, k in cases:
+        layer, il, x = _worst_case_layer(kind, wbits, g)
+        ref = layer(x)
+        set_kernel(k)
+        try:
+            out = il(x)
+        finally:
+            set_kernel("auto")
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (wbits, k)
+
+
 @pytest.mark.parametrize("geometry", [
     dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1), dict(kernel_size=3, padding=2, dilation=2),
     dict(kernel_size=3, padding=1, groups=4), dict(kernel_size=(3, 1), padding=(1, 0)),
 ])
-def test_zero_point_terms_at_the_borders(geometry):
-    """The input zero point's contribution is folded into the bias and corrected on border rows/columns:
-    every output position must match, whatever the stride, padding, dilation and grouping."""
+@pytest.mark.parametrize("pad_input", [True, False])
+def test_zero_point_terms_at_the_borders(geometry, pad_input, monkeypatch):
+    """The input zero point's contribution is folded into the bias and corrected at the borders (uint8
+    input padded with the zero point, or patches on border rows/columns): every output position must
+    match, whatever the stride, padding, dilation and grouping."""
+    monkeypatch.setattr("ptqd.runtime.kernels.PAD_INPUT", pad_input)
     g = torch.Generator().manual_seed(2)
     fp = nn.Conv2d(16, 12, **geometry).requires_grad_(False)
     layer = _calibrated(fp, 8, True, 0, False)
@@ -315,6 +379,9 @@ def test_loaded_checkpoint_reproduces_the_run(run_dir, checkpoint):
 
     run = load_run(run_dir)
     fake, integer = load_checkpoint(checkpoint, "fake"), load_checkpoint(checkpoint, "int")
+    # the integer net's cheap dtype (no per-call module scan) is the float parts' dtype, same class otherwise
+    assert integer.model.unet.dtype == torch.float32 and isinstance(integer.model.unet, type(fake.model.unet))
+    assert type(integer.model.unet).__name__ == type(fake.model.unet).__name__
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 1, 16, 16, generator=g), torch.arange(4)
     for bits in (8, 4):
@@ -435,6 +502,9 @@ def test_cli_export_and_sample(run_dir, checkpoint, tmp_path, capsys):
 
 
 def test_measure_speed(checkpoint):
-    res = measure_speed("digits16-cond", checkpoint, batch=2, steps=1, repeats=1, backends=("fp32", "int"))
-    assert set(res["rows"]) == {"fp32", "int"} and res["rows"]["int"]["images_per_second"] > 0
-    assert res["speedup"]["fp32"] == 1.0 and res["speedup"]["int"] > 0
+    res = measure_speed("digits16-cond", checkpoint, batch=2, steps=1, repeats=2)
+    assert set(res["rows"]) == {"fp32", "bf16", "int"} and res["rows"]["int"]["images_per_second"] > 0
+    assert res["speedup"]["fp32"] == 1.0 and res["speedup"]["int"] > 0 and res["speedup_vs_bf16"]["bf16"] == 1.0
+    assert all(len(r["seconds"]) == 2 for r in res["rows"].values()) and res["settings"]["interleaved"]
+    with pytest.raises(PtqdError, match="unknown backends"):
+        measure_speed("digits16-cond", checkpoint, backends=("fp64",))

@@ -236,9 +236,11 @@ def _real_speed(run, model, out: Path, settings: DemoSettings) -> dict[str, Any]
     s = m["settings"]
     line = (
         f"real speed on this CPU (batch {s['batch']}, {s['steps']} steps, guidance {settings.guidance:g}, A8): fp32 {fp_ips:.1f} "
-        f"images/s, integer W4A8 {int_ips:.1f} images/s ({m['speedup']['int']:.2f}x fp32); checkpoint {ckpt.name} {size:.2f} MB"
+        f"images/s, bf16 autocast {m['rows']['bf16']['images_per_second']:.1f} images/s, integer W4A8 {int_ips:.1f} images/s "
+        f"({m['speedup']['int']:.2f}x fp32, {m['speedup_vs_bf16']['int']:.2f}x bf16); checkpoint {ckpt.name} {size:.2f} MB"
     )
-    return {"fp32_images_per_second": fp_ips, "int_images_per_second": int_ips, "speedup": m["speedup"]["int"],
+    return {"fp32_images_per_second": fp_ips, "bf16_images_per_second": m["rows"]["bf16"]["images_per_second"],
+            "int_images_per_second": int_ips, "speedup": m["speedup"]["int"], "speedup_vs_bf16": m["speedup_vs_bf16"]["int"],
             "checkpoint": str(ckpt), "checkpoint_mb": size, "settings": s, "line": line}
 
 

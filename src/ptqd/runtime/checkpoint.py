@@ -48,7 +48,7 @@ from ptqd.quant.layers import AttentionQuantizers, QuantAttnProcessor, QuantLaye
 from ptqd.quant.quantizer import PASS_BITS, QuantSpec, qrange
 from ptqd.quant.wrap import QuantConfig, act_quantizers, quant_layers
 from ptqd.runtime.attention import FusedQuantAttnProcessor
-from ptqd.runtime.kernels import IntLayer, integer_weight
+from ptqd.runtime.kernels import IntLayer, fast_dtype, integer_weight
 from ptqd.runtime.pack import pack_nibbles, unpack_nibbles
 
 FORMAT = "ptqd-quantized-checkpoint"
@@ -515,6 +515,8 @@ def load_checkpoint(path: str | Path, backend: str = "int"):
     net.ptqd_quant_fingerprint = manifest["quant_fingerprint"]
     net.ptqd_backend = backend
     net.eval().requires_grad_(False)
+    if backend == "int":
+        fast_dtype(net)  # diffusers' dtype property scans every module on each call
     m = manifest["model"]
     model = CheckpointModel(
         name=m["name"], unet=net, scheduler_config=manifest["scheduler_config"], num_classes=m["num_classes"],

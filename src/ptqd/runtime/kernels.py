@@ -12,13 +12,17 @@ added from a cheap channel-sum. 4-bit weights sit in int8 containers (|w8| ≤ 1
 Activations are quantized onto the layer's own grid (scale, zero point, bit-width of its
 ``ActQuantizer``; the container zero point is ``z_x − qmin`` so symmetric grids fit uint8 too).
 
-Two kernels, picked by the device of the input (or forced with ``set_kernel``):
+Kernels, picked by the device of the input and, on the CPU, by its instruction set once per process
+(``kernel_for``; forced with ``set_kernel`` or the environment variable ``PTQD_INT_KERNEL``):
 
-* ``onednn`` (CPU): ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` with fp32
-  output — PyTorch's x86 quantized backend, prepacked weights. The kernels always get input zero
-  point 0 (oneDNN's zero-point path is up to 5× slower on small feature maps); the zero point's
-  exact contribution goes into the bias and, where padding cuts taps off, onto the border rows and
-  columns (``IntLayer._zero_point_terms``).
+* ``onednn`` (CPU with VNNI or AMX): ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``
+  with fp32 output — PyTorch's x86 quantized backend, prepacked weights. The kernels always get input
+  zero point 0 (oneDNN's zero-point path is up to 5× slower on small feature maps); the zero point's
+  exact contribution goes into the bias and, where padding cuts taps off, either the uint8 input is
+  padded with the zero point or border rows and columns are patched (``IntLayer._zero_point_terms``).
+* ``onednn-split`` (CPU without VNNI, e.g. AVX2 only): the same, but 8-bit weights beyond ±64 run as
+  two halves within ±64 (those CPUs sum adjacent u8·s8 products in saturating int16), two kernel
+  calls and one add. 4-bit weights need no split and run in one pass.
 * ``intmm`` (CUDA; also runs on CPU for testing, slowly): ``torch._int_mm`` on int8 matrices
   (im2col for convolutions), activations shifted to int8 by −128 with the shift corrected by the
   weights' column sums.
@@ -26,6 +30,8 @@ Two kernels, picked by the device of the input (or forced with ``set_kernel``):
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import torch
@@ -39,12 +45,17 @@ from ptqd.quant.quantizer import PASS_BITS, QuantSpec, qrange
 # quantize_per_tensor is the fastest fused float→uint8 quantization on CPU; its deprecation notice is noise here
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
 
-KERNELS = ("auto", "onednn", "intmm")
-_forced = {"kernel": "auto"}
+KERNELS = ("auto", "onednn", "onednn-split", "intmm")
+_forced = {"kernel": os.environ.get("PTQD_INT_KERNEL", "auto") or "auto"}
 
 
 def set_kernel(kind: str) -> None:
-    """Force a kernel for every integer layer (``auto``: onednn on CPU, intmm on CUDA)."""
+    """Force a kernel for every integer layer (``auto``: the fastest exact one for the device and CPU, see :func:`kernel_for`).
+
+    ``onednn``: oneDNN u8·s8 kernels, one pass (exact where the CPU has VNNI or AMX dot products);
+    ``onednn-split``: the same kernels with 8-bit weights beyond ±64 run as two halves within ±64
+    (exact on every x86 CPU; what AVX2-only CPUs need); ``intmm``: ``torch._int_mm`` (CUDA; slow on CPU).
+    The environment variable ``PTQD_INT_KERNEL`` sets the same at import time."""
     if kind not in KERNELS:
         raise PtqdError(f"unknown integer kernel {kind!r}: use one of {', '.join(KERNELS)}")
     _forced["kernel"] = kind
@@ -54,31 +65,102 @@ def onednn_available() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
 
 
-def _cpu_has_vnni() -> bool:
+@functools.lru_cache(maxsize=None)
+def cpu_features() -> str:
+    """The CPU's best integer dot-product instruction set: ``amx`` (AMX int8 tiles), ``avx512_vnni``,
+    ``avx_vnni`` (VNNI: u8·s8 summed straight into int32), ``avx512`` or ``avx2`` (no VNNI: u8·s8 pairs
+    are summed into saturating int16 by vpmaddubsw), or ``other``. Read once from /proc/cpuinfo
+    (PyTorch's own capability string where that file is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        flags = set()
+    if not flags:
+        cap = torch.backends.cpu.get_cpu_capability().lower()  # "AVX2", "AVX512", "DEFAULT", ...
+        return {"avx512": "avx512", "avx2": "avx2"}.get(cap, "other")
+    if "amx_int8" in flags and "amx_tile" in flags:
+        return "amx"
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx_vnni" in flags:
+        return "avx_vnni"
+    if "avx512bw" in flags:
+        return "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return "other"
+
+
+def cpu_has_vnni() -> bool:
     """Whether the CPU has VNNI dot products (u8·s8 summed in int32). Without them x86 int8 kernels
     multiply-add adjacent u8·s8 pairs into saturating int16 (vpmaddubsw), which overflows for 8-bit
     activations against weights beyond ±64."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(k in flags for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return cpu_features() in ("amx", "avx512_vnni", "avx_vnni")
 
 
 SAFE_PAIR_WEIGHT = 64  # 2·255·64 < 2**15: a u8·s8 pair sum of weights this small never saturates int16
-_SPLIT_WIDE_WEIGHTS = not _cpu_has_vnni()
+PAD_INPUT = True  # padded convolutions with an input zero point: pad the uint8 input with z_x (else: border patches)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_cpu_kernel() -> str:
+    if not onednn_available():
+        raise PtqdError("this PyTorch build has no oneDNN quantized kernels; use --backend fake")
+    return "onednn" if cpu_has_vnni() else "onednn-split"
 
 
 def kernel_for(device: torch.device) -> str:
+    """The kernel integer layers run on ``device``: the forced one (:func:`set_kernel`), else on the
+    CPU ``onednn`` with VNNI/AMX and ``onednn-split`` without (chosen once per process from the CPU's
+    flags), ``intmm`` on CUDA."""
     k = _forced["kernel"]
     if k != "auto":
+        if k not in KERNELS:
+            raise PtqdError(f"PTQD_INT_KERNEL={k!r} is not an integer kernel: use one of {', '.join(KERNELS)}")
         return k
     if device.type == "cpu":
-        if not onednn_available():
-            raise PtqdError("this PyTorch build has no oneDNN quantized kernels; use --backend fake")
-        return "onednn"
+        return _auto_cpu_kernel()
     return "intmm"
+
+
+def supported_kernels(device: torch.device | str = "cpu") -> list[str]:
+    """The kernels that compute exactly on ``device`` with this CPU (``onednn`` needs VNNI/AMX for 8-bit weights)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return ["intmm"]
+    out = []
+    if onednn_available():
+        out += ["onednn", "onednn-split"] if cpu_has_vnni() else ["onednn-split"]
+    return out + ["intmm"]
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_dtype_class(cls: type) -> type:
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    return type(cls.__name__, (cls,), {"dtype": property(dtype), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def fast_dtype(net: nn.Module) -> nn.Module:
+    """Give a diffusers network of integer layers a cheap ``dtype`` (its first floating parameter's).
+
+    diffusers' ``ModelMixin.dtype``, read twice per UNet call (time embedding), first walks every
+    submodule looking for layerwise-casting hooks; with integer layers (each with its quantizer
+    modules, whose ``hasattr`` misses raise twice) that scan cost ≈12 ms per call of the bundled
+    digits16-cond, 15 % of it. ptqd never installs those hooks on a loaded checkpoint. The class is
+    swapped for a subclass of the same name (``isinstance`` and the config are unchanged)."""
+    if hasattr(type(net), "dtype") and "ModelMixin" in [c.__name__ for c in type(net).__mro__]:
+        net.__class__ = _fast_dtype_class(type(net))
+    return net
 
 
 def integer_weight(wq, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,8 +261,8 @@ class IntLayer(QuantLayer):
 
     def _part(self, i: int, x: torch.Tensor, aq, kernel: str, add_bias: bool) -> torch.Tensor:
         s_x, z_x, top = self._act_grid(aq)
-        if kernel == "onednn":
-            return self._onednn(i, x, s_x, z_x, top)
+        if kernel != "intmm":
+            return self._onednn(i, x, s_x, z_x, top, kernel == "onednn-split")
         return self._intmm(i, x, s_x, z_x, top, self.bias_fp if add_bias else None)
 
     # oneDNN (CPU) -------------------------------------------------------------------------
@@ -194,52 +276,59 @@ class IntLayer(QuantLayer):
             xq.clamp_(0, top)
         return xq
 
-    def _onednn_weights(self, i: int) -> dict:
-        """Prepacked weights and everything else a call needs that does not change between calls; with
-        non-zero offsets d, one extra output channel of ones yields s_x·Σ q_x over the receptive field."""
-        plan = self._packed.get(i)
+    def _onednn_weights(self, i: int, split: bool) -> dict:
+        """Prepacked weights and everything else a call needs that does not change between calls (built
+        on the first call of each part and kernel variant); with non-zero offsets d, one extra output
+        channel of ones yields s_x·Σ q_x over the receptive field."""
+        plan = self._packed.get((i, split))
         if plan is None:
             w8, ws, d = getattr(self, f"w8_{i}"), getattr(self, f"wscale_{i}"), getattr(self, f"wd_{i}")
             offsets = bool((d != 0).any())
             grouped = self.kind == "conv" and self.fp.groups != 1
             extra = offsets and not grouped
+            pad = 0
             if extra:
-                w8 = torch.cat([w8, torch.ones_like(w8[:1])])
-                ws = torch.cat([ws, ws.new_ones(1)])
+                # the ones channel, then zero channels up to a multiple of 16 output channels (oneDNN's x86 int8
+                # kernels block output channels by 8/16; whether an odd count costs more was not isolated here)
+                pad = (-(w8.shape[0] + 1)) % 16
+                w8 = torch.cat([w8, torch.ones_like(w8[:1]), torch.zeros_like(w8[:1]).expand(pad, *w8.shape[1:])])
+                ws = torch.cat([ws, ws.new_ones(1 + pad)])
             bias = self.bias_fp if i == 0 else None
             fp = self.fp
             coef = (d.float() * getattr(self, f"wscale_{i}")).contiguous()
-            bias_ext = torch.cat([bias, bias.new_zeros(1)]) if extra and bias is not None else bias
+            bias_ext = torch.cat([bias, bias.new_zeros(1 + pad)]) if extra and bias is not None else bias
             plan = {"ws": ws.contiguous(), "zeros": torch.zeros(ws.numel(), dtype=torch.long), "bias": bias, "bias_ext": bias_ext,
-                    "extra": extra, "n": coef.numel(), "grouped_offsets": offsets and grouped,
+                    "extra": extra, "pad_channels": pad, "n": coef.numel(), "grouped_offsets": offsets and grouped,
                     "part": i, "wscale": getattr(self, f"wscale_{i}"), "by_grid": {}}
-            # without VNNI, weights beyond ±64 run as two halves within ±64 (exact: the int32 sums add up)
+            # split kernel (CPUs without VNNI): weights beyond ±64 run as two halves within ±64 (exact: the
+            # int32 sums add up); the second half keeps every output channel, so its output adds in one pass
             lo = None
-            if _SPLIT_WIDE_WEIGHTS and int(w8.abs().max()) > SAFE_PAIR_WEIGHT:
+            if split and int(w8.abs().max()) > SAFE_PAIR_WEIGHT:
                 hi = w8.clamp(-SAFE_PAIR_WEIGHT, SAFE_PAIR_WEIGHT)
-                lo, w8 = (w8 - hi)[: coef.numel()].contiguous(), hi.contiguous()
-            n = coef.numel()
-            plan["ws_lo"], plan["zeros_lo"] = ws[:n].contiguous(), torch.zeros(n, dtype=torch.long)
+                lo, w8 = (w8 - hi).contiguous(), hi.contiguous()
             if self.kind == "conv":
                 geo = (list(fp.stride), list(fp.padding), list(fp.dilation), fp.groups)
-                plan["packed"] = torch.ops.onednn.qconv_prepack(w8, ws, 1.0, 0, *geo, None)
-                plan["packed_lo"] = torch.ops.onednn.qconv_prepack(lo, plan["ws_lo"], 1.0, 0, *geo, None) if lo is not None else None
+                plan["packed"] = torch.ops.onednn.qconv_prepack(w8, plan["ws"], 1.0, 0, *geo, None)
+                plan["packed_lo"] = torch.ops.onednn.qconv_prepack(lo, plan["ws"], 1.0, 0, *geo, None) if lo is not None else None
                 plan["geometry"] = geo
+                if PAD_INPUT and fp.groups == 1 and any(fp.padding) and isinstance(fp.padding, tuple):
+                    plan["pad"] = [fp.padding[1], fp.padding[1], fp.padding[0], fp.padding[0]]
+                    plan["geometry_unpadded"] = (geo[0], [0, 0], geo[2], geo[3])
                 plan["coef"] = coef.reshape(1, -1, 1, 1)
             else:
                 plan["packed"] = torch.ops.onednn.qlinear_prepack(w8, None)
                 plan["packed_lo"] = torch.ops.onednn.qlinear_prepack(lo, None) if lo is not None else None
                 plan["coef"] = coef
-            self._packed[i] = plan
+            self._packed[(i, split)] = plan
         return plan
 
-    def _zero_point_terms(self, p: dict, x: torch.Tensor, s_x: float, z_x: int) -> tuple[torch.Tensor | None, list]:
+    def _zero_point_terms(self, p: dict, x: torch.Tensor, s_x: float, z_x: int, borders: bool = True) -> tuple[torch.Tensor | None, list]:
         """The input zero point's contribution −s_x·z_x·s_w[c]·Σ_{taps inside the input} w[c], for
         kernels run with zero point 0. Away from the borders it is a per-channel constant, folded
         into the bias; on the border rows/columns (where padding taps drop out) what the constant
         took too much is added back on those slices only. Returns (bias, border patches), cached per
         input grid and feature-map size."""
-        key = (s_x, z_x, tuple(x.shape[2:]) if self.kind == "conv" else None)
+        key = (s_x, z_x, tuple(x.shape[2:]) if self.kind == "conv" and borders else None)
         got = p["by_grid"].get(key)
         if got is not None:
             return got
@@ -253,9 +342,9 @@ class IntLayer(QuantLayer):
         if p["bias"] is not None:
             bias = p["bias"] + bias
         if p["extra"]:
-            bias = torch.cat([bias, bias.new_zeros(1)])  # the extra channel's Σ q_x takes no zero point
+            bias = torch.cat([bias, bias.new_zeros(1 + p["pad_channels"])])  # the extra channel's Σ q_x takes no zero point
         patches = []
-        if self.kind == "conv":
+        if self.kind == "conv" and borders:
             stride, padding, dilation, groups = p["geometry"]
             ones = torch.ones(1, x.shape[1], *x.shape[2:])
             inside = F.conv2d(ones, true_w, None, stride, padding, dilation, groups)[0]  # (n, Ho, Wo) tap sums
@@ -276,33 +365,39 @@ class IntLayer(QuantLayer):
         p["by_grid"][key] = got
         return got
 
-    def _onednn(self, i, x, s_x, z_x, top):
+    def _onednn(self, i, x, s_x, z_x, top, split):
         xq = self._quantize_u8(x, s_x, z_x, top)
-        p = self._onednn_weights(i)
-        # the kernels always see input zero point 0: its contribution is in the bias and border patches
-        bias, patches = self._zero_point_terms(p, x, s_x, z_x) if z_x else (p["bias_ext"], [])
+        p = self._onednn_weights(i, split)
+        # the kernels always see input zero point 0: its contribution is in the bias; where padding cuts taps
+        # off, either the uint8 input is padded with z_x (q_x − z_x = 0 there, as the float zero padding) or
+        # border patches add back what the bias took too much (grouped convolutions, PAD_INPUT off)
+        geometry = p.get("geometry")
+        if z_x and p.get("pad") is not None:
+            xq = F.pad(xq, p["pad"], value=z_x)
+            geometry = p["geometry_unpadded"]
+            bias, patches = self._zero_point_terms(p, x, s_x, z_x, borders=False)
+        else:
+            bias, patches = self._zero_point_terms(p, x, s_x, z_x) if z_x else (p["bias_ext"], [])
         if self.kind == "conv":
             out = torch.ops.onednn.qconv2d_pointwise(
-                xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, *p["geometry"], 1.0, 0, torch.float32, "none", [], "",
+                xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, *geometry, 1.0, 0, torch.float32, "none", [], "",
             )
+            if p["packed_lo"] is not None:  # the second half of wide 8-bit weights (same output channels)
+                # a separate call and one add: with oneDNN's fp32 sum post-op (qconv2d_pointwise.binary) the integer
+                # kernels of a CIFAR-size W8A8 call took 930 ms instead of 625 ms on AVX2 (fp32: 1027 vs 920 ms)
+                out.add_(torch.ops.onednn.qconv2d_pointwise(
+                    xq, s_x, 0, p["packed_lo"], p["ws"], p["zeros"], None, *geometry, 1.0, 0, torch.float32, "none", [], "",
+                ))
         else:
             out = torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed"], p["ws"], p["zeros"], bias, 1.0, 0, torch.float32, "none", [], "")
-        if p["packed_lo"] is not None:  # the second half of wide 8-bit weights (CPUs without VNNI)
-            n = p["n"]
-            if self.kind == "conv":
-                lo = torch.ops.onednn.qconv2d_pointwise(
-                    xq, s_x, 0, p["packed_lo"], p["ws_lo"], p["zeros_lo"], None, *p["geometry"], 1.0, 0, torch.float32, "none", [], "",
-                )
-                out[:, :n] += lo
-            else:
-                lo = torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed_lo"], p["ws_lo"], p["zeros_lo"], None, 1.0, 0, torch.float32, "none", [], "")
-                out[..., :n] += lo
+            if p["packed_lo"] is not None:
+                out.add_(torch.ops.onednn.qlinear_pointwise(xq, s_x, 0, p["packed_lo"], p["ws"], p["zeros"], None, 1.0, 0, torch.float32, "none", [], ""))
         if p["extra"]:
             n = p["n"]
             if self.kind == "conv":
-                out = torch.addcmul(out[:, :n], out[:, n:], p["coef"])
+                out = torch.addcmul(out[:, :n], out[:, n : n + 1], p["coef"])
             else:
-                out = torch.addcmul(out[..., :n], out[..., n:], p["coef"])
+                out = torch.addcmul(out[..., :n], out[..., n : n + 1], p["coef"])
         for rows, cols, patch in patches:
             out[:, :, rows, cols] += patch
         if p["grouped_offsets"]:  # grouped convolution with offsets: channel sums per group
