@@ -398,7 +398,7 @@ def test_export_is_byte_reproducible(run_dir, tmp_path, capsys):
     t = {"x": torch.arange(3.0)}
     one = canonical_safetensors(save(t, metadata={"format": "f", "version": "1"}))
     two = canonical_safetensors(save(t, metadata={"version": "1", "format": "f"}))
-    assert one == two and len(one) % 8 == 0 or True
+    assert one == two  # the same tensors and metadata in any key order: the same bytes
     from safetensors.torch import load
 
     assert torch.equal(load(one)["x"], t["x"])
