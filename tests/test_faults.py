@@ -477,6 +477,59 @@ def test_budget_cache_validated(case, tmp_path):
         assert entries == [] and problem in found
 
 
+GUARD_CACHES = [  # (id, how the sealed cache is damaged, words of the note or None when valid)
+    ("list", "list", "not a guard cache"),
+    ("unsealed", "unsealed", "changed after ptqd wrote it"),
+    ("lambda-edited", "edited", "changed after ptqd wrote it"),  # λ edited by hand (would switch a correction on)
+    ("lambda-out-of-range", "range", "numbers in [0, 1]"),
+    ("garbage", "garbage", "cannot be read"),
+    ("valid", "valid", None),
+]
+
+
+@pytest.mark.parametrize("case", GUARD_CACHES, ids=[c[0] for c in GUARD_CACHES])
+def test_guard_cache_validated(case, tmp_path):
+    from ptqd.correction.apply import _read_guards
+    from ptqd.integrity import seal
+
+    name, how, problem = case
+    guard = {"blocks": [[800, 600], [400, 0]], "lambda": [0.0, 0.5], "lambda_fit": [0.0, 0.5], "chosen": "fit",
+             "mse": {"none": 1.0, "fit": 0.5, "full": 2.0}, "num": 4, "seed": 2002, "blend": {"800": 0.0, "600": 0.0, "400": 0.5, "0": 0.5}}
+    entry = {"key": {"stats": "s"}, "guard": guard}
+    good = seal({"what": "x", "entries": [entry]})
+    content = {"list": [entry], "unsealed": {"entries": [entry]}, "valid": good, "garbage": "{not json"}.get(how)
+    if how == "edited":
+        content = json.loads(json.dumps(good))
+        content["entries"][0]["guard"]["lambda"] = [1.0, 1.0]
+    elif how == "range":
+        content = seal({"what": "x", "entries": [{**entry, "guard": {**guard, "lambda": [0.0, 1.5]}}]})
+    f = tmp_path / "guard.json"
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
+    entries, found = _read_guards(f)
+    if problem is None:
+        assert found is None and entries == [entry]
+    else:
+        assert entries == [] and problem in found, found
+
+
+def test_budget_vectors_checked_against_the_cache(tmp_path):
+    from ptqd.correction.apply import _read_vectors
+    from ptqd.integrity import sha256_file
+
+    vec = {"a4": np.ones((3, 2, 5), np.float32), "a8": np.zeros((3, 2, 5), np.float32)}
+    npz = tmp_path / "budget_s_0123.npz"
+    np.savez(npz, **vec)
+    entry = {"key": {}, "contributions": {"4": [1.0] * 3, "8": [0.0] * 3}, "vectors": npz.name, "vectors_sha256": sha256_file(npz)}
+    out, problem = _read_vectors(tmp_path / "budget_s.json", entry, 3)
+    assert problem is None and set(out) == {4, 8} and out[4].shape == (3, 2, 5)
+    assert _read_vectors(tmp_path / "budget_s.json", entry, 4)[1] is not None  # another number of steps
+    np.savez(npz, a4=2 * vec["a4"], a8=vec["a8"])  # the vectors edited after the cache was sealed
+    out, problem = _read_vectors(tmp_path / "budget_s.json", entry, 3)
+    assert out is None and "changed after ptqd wrote it" in problem
+    out, problem = _read_vectors(tmp_path / "budget_s.json", {**entry, "vectors": "../x.npz"}, 3)
+    assert out is None and problem
+
+
 def test_measured_budget_refused_on_checkpoints():
     from types import SimpleNamespace
 

@@ -44,7 +44,7 @@ PIPELINE_FILE = "ptqd_pipeline.json"
 CONFIGS = {"W8A8": W8A8, "W4A8": W4A8, "W4A4": W4A4}  # the preset names quantize() also takes as strings
 PIPELINE_SCHEMA = {
     "kind": "str", "pipeline": "str|null", "scheduler": "str|null", "sampler": "dict|null", "correct": "str",
-    "act_bits": "int|str|null", "fidelity_budget": "number|null", "manifest_sha256?": "str",
+    "act_bits": "int|str|null", "fidelity_budget": "number|null", "guard?": "bool", "manifest_sha256?": "str",
 }
 
 

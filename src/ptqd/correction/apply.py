@@ -151,10 +151,7 @@ def guards_of(run, stats: NoiseStats) -> list[dict[str, Any]]:
     found = [e for e in stats.meta.get("guards") or [] if isinstance(e, dict)]
     if run.path is not None and getattr(run, "manifest", None) is None:
         path = Path(run.path) / ("guard_" + Path(stats_name_for(stats)).stem + ".json")
-        try:
-            found += [e for e in json.loads(path.read_text()).get("entries", []) if isinstance(e, dict)] if path.is_file() else []
-        except (json.JSONDecodeError, AttributeError, OSError):
-            pass
+        found += _read_guards(path)[0] if path.is_file() else []  # a damaged cache carries nothing (it is fitted again)
     name = stats_name_for(stats)
     found += [e for e in getattr(run, "_ptqd_guard_entries", []) if e["key"].get("stats") == name]
     out = {}
@@ -606,10 +603,9 @@ def guard_for(run, stats: NoiseStats, sampler: SamplerConfig, parts, schedule: d
     path = Path(run.path) / ("guard_" + Path(stats_name_for(stats)).stem + ".json") if run.path is not None and run.manifest is None else None
     entries = []
     if path is not None and path.is_file():
-        try:
-            entries = [e for e in json.loads(path.read_text()).get("entries", []) if isinstance(e, dict)]
-        except (json.JSONDecodeError, AttributeError):
-            entries = []  # a damaged cache is measured again and rewritten
+        entries, problem = _read_guards(path)
+        if problem:
+            print(f"note: {path} {problem}; fitting the guard again (it is a cache)")
         for e in entries:
             if e.get("key") == key and isinstance(e.get("guard"), dict):
                 g = dict(e["guard"])
@@ -633,9 +629,42 @@ def guard_for(run, stats: NoiseStats, sampler: SamplerConfig, parts, schedule: d
     if path is not None and distributed.context().main:
         from ptqd.io import write_json
 
+        from ptqd.integrity import seal
+
         entries = [e for e in entries if e.get("key") != key] + [entry]
-        write_json(path, {"what": "final-sample guard of corrections (ptqd.correction.guard.fit_guard)", "entries": entries})
+        write_json(path, seal({"what": "final-sample guard of corrections (ptqd.correction.guard.fit_guard)", "entries": entries}))
     return g
+
+
+def _read_guards(path: Path) -> tuple[list[dict], str | None]:
+    """The valid entries of a guard cache and, when it is damaged or edited, what is wrong with it (then no
+    entry is used: the guard is fitted again). An entry's λ must lie in [0, 1], per block and per timestep."""
+    from ptqd.integrity import SEAL, digest
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [], f"cannot be read ({type(e).__name__})"
+    if not isinstance(saved, dict) or not isinstance(saved.get("entries"), list):
+        return [], "is not a guard cache (field 'entries' must be a list in a JSON object)"
+    if saved.get(SEAL) != digest(saved, SEAL):
+        return [], f"was changed after ptqd wrote it (field {SEAL!r} does not match its content)"
+
+    def unit(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+    for i, e in enumerate(saved["entries"]):
+        g = e.get("guard") if isinstance(e, dict) else None
+        if not isinstance(g, dict) or not isinstance(e.get("key"), dict):
+            return [], f"field 'entries[{i}]' lacks its key or guard"
+        lam, blend = g.get("lambda"), g.get("blend")
+        if not isinstance(lam, list) or not lam or not all(unit(v) for v in lam):
+            return [], f"field 'entries[{i}].guard.lambda' must be a list of numbers in [0, 1]"
+        if not isinstance(blend, dict) or not blend or not all(str(t).lstrip("-").isdigit() and unit(v) for t, v in blend.items()):
+            return [], f"field 'entries[{i}].guard.blend' must map timesteps to numbers in [0, 1]"
+        if g.get("chosen") not in ("none", "fit", "full") or not isinstance(g.get("mse"), dict):
+            return [], f"field 'entries[{i}].guard' lacks its choice or calibration errors"
+    return list(saved["entries"]), None
 
 
 def fp_sampling_bops(fp: DiffusionModel, sampler: SamplerConfig) -> float:
