@@ -36,10 +36,10 @@ HELDOUT_SAMPLES = 64  # at most: trajectories of another seed every correction m
 HELDOUT_SEED = 2001
 CORRECTION_MODEL = "ptqd"  # the paper's CNC/BC; mean, content, content-pixel: ptqd.correction.models
 POSTERIOR_TAU = 10.0  # the posterior correction model's horizon: 1 = content, ∞ = debias
-RIDGE = 1e-4
+RIDGE = 1e-4  # ridge penalty of the regression correction models, relative to the feature variance
 MATCHED_SAMPLES = 64  # lockstep trajectory pairs the matched maps are fitted on (one batch, in memory)
 MATCHED_GAMMA = 0.5  # trajectory-matched maps: share of the FP/quantized state gap one step tries to close
-MATCHED_RIDGE = 1e-3  # their ridge penalty toward the identity map, relative to the feature variance  # ridge penalty of the regression correction models, relative to the feature variance
+MATCHED_RIDGE = 1e-3  # their ridge penalty toward the identity map, relative to the feature variance
 BUDGET_PROPAGATION = "measured"  # how --fidelity-budget predicts each step's share of the final error
 GUARD = True  # every correction is guarded by its measured effect on the final samples (ptqd.correction.guard)
 GUARD_SAMPLES = 32  # calibration trajectories the guard measures on
