@@ -654,3 +654,21 @@ def test_recon_samples_beyond_inputs_said(tmp_path, capsys):
                          "--out", tmp_path / "q"], capsys)
     assert rc == 0, err
     assert "--recon-samples 1000 is more than the" in out and "uses all" in out, out
+
+
+def test_act_bits_16_is_a_weight_only_model(tmp_path, capsys):
+    """`--act-bits 16` (documented as float activations) quantizes the weights only, end to end: it was
+    calibrated and then stopped with an error; now it samples, and its activations are never rounded."""
+    run = tmp_path / "w4a16"
+    rc, _, err = _run(["quantize", "--model", "digits16-cond", "--weight-bits", "4", "--act-bits", "16", "--method", "naive",
+                       "--quick", "--out", run, "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["quant"]["act_bits"] == 16
+    rc, _, err = _run(["sample", run, "--num", "2", "--steps", "2", "--out", tmp_path / "s.npz", "--no-progress"], capsys)
+    assert rc == 0, err
+    from ptqd.quant.wrap import act_quantizers
+    from ptqd.runs import load_run
+
+    q = load_run(run).qnet
+    bits = {a.bits for _, a in act_quantizers(q) if not a.fixed}
+    assert bits == {16}

@@ -255,9 +255,8 @@ def set_quant_state(net: nn.Module, weights: bool | None = None, acts: bool | No
 
 
 def set_act_bits(net: nn.Module, bits: int) -> None:
-    """Switch every switchable activation quantizer to ``bits`` (must have been calibrated)."""
-    if bits >= PASS_BITS:
-        raise PtqdError("to run activations in float, use set_quant_state(net, acts=False)")
+    """Switch every switchable activation quantizer to ``bits`` (must have been calibrated; 16: activations
+    left in float, a weight-only model, when it was calibrated with ``act_bits=16``)."""
     for _, q in act_quantizers(net):
         q.set_bits(bits)
 
