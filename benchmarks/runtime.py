@@ -276,17 +276,9 @@ def main() -> None:
 
 def cpu_description() -> dict:
     """CPU model name and its SIMD flags (the ones that decide the integer kernels)."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    return {"model": model, "simd_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))}
+    from ptqd.runtime.speed import cpu_description as describe
+
+    return describe()
 
 
 def to_markdown(r: dict) -> str:

@@ -43,27 +43,10 @@ MODELS = {"digits16-cond": 16, "cifar10-size": 8}  # images per denoiser call in
 
 
 def cpu_info() -> dict:
-    """CPU model name and the SIMD flags that decide the integer kernels."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4", "ssse3"))]
-    try:
-        from ptqd.runtime.kernels import cpu_features
+    """CPU model name, the SIMD flags that decide the integer kernels and the kernel ISA."""
+    from ptqd.runtime.speed import cpu_description
 
-        isa = cpu_features()
-    except ImportError:  # code before kernel selection per ISA
-        isa = "n/a"
-    return {"model": model, "simd_flags": sorted(keep), "isa": isa, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return cpu_description()
 
 
 def checkpoints(work: Path) -> dict:

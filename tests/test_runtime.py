@@ -508,3 +508,12 @@ def test_measure_speed(checkpoint):
     assert all(len(r["seconds"]) == 2 for r in res["rows"].values()) and res["settings"]["interleaved"]
     with pytest.raises(PtqdError, match="unknown backends"):
         measure_speed("digits16-cond", checkpoint, backends=("fp64",))
+
+
+def test_cpu_description_names_the_kernel_isa():
+    from ptqd.runtime.kernels import cpu_features
+    from ptqd.runtime.speed import cpu_description
+
+    d = cpu_description()
+    assert d["isa"] == cpu_features() and d["model"] and d["threads"] == torch.get_num_threads()
+    assert all(f.startswith(("avx", "amx", "fma", "f16c", "sse4", "ssse3")) for f in d["simd_flags"])

@@ -417,19 +417,27 @@ def _cached_contributions(run, stats, sampler, parts, bits, progress, measure: b
     return contrib
 
 
-def _read_contributions(path: Path, steps: int) -> tuple[list[dict], str | None]:
-    """The valid entries of a budget cache and, when it is damaged or edited, what is wrong with it
-    (then no entry is used: the cache is measured again)."""
+def _read_sealed(path: Path, what: str) -> tuple[dict | None, str | None]:
+    """A cache ptqd wrote as a sealed JSON object with a list of ``entries``, or (None, what is wrong with it)."""
     from ptqd.integrity import SEAL, digest
 
     try:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return [], f"cannot be read ({type(e).__name__})"
+        return None, f"cannot be read ({type(e).__name__})"
     if not isinstance(saved, dict) or not isinstance(saved.get("entries"), list):
-        return [], "is not a budget cache (field 'entries' must be a list in a JSON object)"
+        return None, f"is not a {what} (field 'entries' must be a list in a JSON object)"
     if saved.get(SEAL) != digest(saved, SEAL):
-        return [], f"was changed after ptqd wrote it (field {SEAL!r} does not match its content)"
+        return None, f"was changed after ptqd wrote it (field {SEAL!r} does not match its content)"
+    return saved, None
+
+
+def _read_contributions(path: Path, steps: int) -> tuple[list[dict], str | None]:
+    """The valid entries of a budget cache and, when it is damaged or edited, what is wrong with it
+    (then no entry is used: the cache is measured again)."""
+    saved, problem = _read_sealed(path, "budget cache")
+    if problem:
+        return [], problem
     good = []
     for i, e in enumerate(saved["entries"]):
         c = e.get("contributions") if isinstance(e, dict) else None
@@ -639,16 +647,9 @@ def guard_for(run, stats: NoiseStats, sampler: SamplerConfig, parts, schedule: d
 def _read_guards(path: Path) -> tuple[list[dict], str | None]:
     """The valid entries of a guard cache and, when it is damaged or edited, what is wrong with it (then no
     entry is used: the guard is fitted again). An entry's λ must lie in [0, 1], per block and per timestep."""
-    from ptqd.integrity import SEAL, digest
-
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return [], f"cannot be read ({type(e).__name__})"
-    if not isinstance(saved, dict) or not isinstance(saved.get("entries"), list):
-        return [], "is not a guard cache (field 'entries' must be a list in a JSON object)"
-    if saved.get(SEAL) != digest(saved, SEAL):
-        return [], f"was changed after ptqd wrote it (field {SEAL!r} does not match its content)"
+    saved, problem = _read_sealed(path, "guard cache")
+    if problem:
+        return [], problem
 
     def unit(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0

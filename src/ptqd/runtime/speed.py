@@ -116,3 +116,27 @@ def measure_speed(fp_model: DiffusionModel | str, checkpoint: str | Path, batch:
             vs_bf16[b] = round(r["images_per_second"] / rows["bf16"]["images_per_second"], 3)
     return {"rows": rows, "speedup": speedup, "speedup_vs_bf16": vs_bf16,
             "settings": {"batch": batch, "steps": steps, "repeats": repeats, "device": device, "interleaved": True}}
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model name, the SIMD flags that decide the integer kernels and the kernel ISA chosen from them
+    (recorded beside every speed number: machines differ)."""
+    import os
+    import platform
+
+    from ptqd.runtime.kernels import cpu_features
+
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4", "ssse3"))]
+    return {"model": model, "simd_flags": sorted(keep), "isa": cpu_features(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
